@@ -1,0 +1,99 @@
+"""Layer blocks, size validation and weight initialisation shared by the generator and discriminator."""
+
+import math
+
+from torch import nn
+
+from fashion_gan.errors import ConfigError
+
+ALLOWED_IMAGE_SIZES = (16, 32, 64, 128, 256)
+ALLOWED_CHANNELS = (1, 3)
+
+# Both networks start or end at a 4x4 feature map; every block in between doubles or halves it.
+BASE_RESOLUTION = 4
+
+# Feature maps at resolution image_size / 2**j have features * min(2**(j-1), 8) channels. The cap
+# keeps 128 and 256 pixel models from growing 2048-channel layers; at 64 pixels it gives the
+# layer widths of the DCGAN paper (Radford et al., 2015).
+MAX_FEATURE_MULTIPLIER = 8
+
+LEAKY_RELU_SLOPE = 0.2
+INIT_STD = 0.02
+
+
+def count_resampling_blocks(image_size: int) -> int:
+    """Return how many times a 4x4 map doubles to reach image_size, after checking image_size.
+
+    Raises ConfigError when image_size is not one of ALLOWED_IMAGE_SIZES.
+    """
+    if isinstance(image_size, bool) or image_size not in ALLOWED_IMAGE_SIZES:
+        allowed = ", ".join(str(size) for size in ALLOWED_IMAGE_SIZES)
+        raise ConfigError(
+            f"image_size={image_size!r} is not supported: allowed values are {allowed} "
+            "(powers of two). Set the model and data image_size to one of them."
+        )
+    return int(math.log2(image_size // BASE_RESOLUTION))
+
+
+def check_channels(channels: int) -> None:
+    """Raise ConfigError unless channels is 1 (grayscale) or 3 (RGB)."""
+    if isinstance(channels, bool) or channels not in ALLOWED_CHANNELS:
+        raise ConfigError(f"channels={channels!r} is not supported: use 1 (grayscale) or 3 (RGB).")
+
+
+def check_positive(name: str, value: int) -> None:
+    """Raise ConfigError unless value is a positive int."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name}={value!r} is invalid: it must be a positive integer.")
+
+
+def features_at(base_features: int, halvings: int) -> int:
+    """Return the channel count of the feature map at resolution image_size / 2**halvings."""
+    return base_features * min(2 ** (halvings - 1), MAX_FEATURE_MULTIPLIER)
+
+
+def projection_block(latent_dim: int, out_features: int) -> nn.Sequential:
+    """Build the generator's first block: (B, latent_dim, 1, 1) -> (B, out_features, 4, 4)."""
+    return nn.Sequential(
+        nn.ConvTranspose2d(latent_dim, out_features, BASE_RESOLUTION, stride=1, padding=0, bias=False),
+        nn.BatchNorm2d(out_features),
+        nn.ReLU(inplace=True),
+    )
+
+
+def upsample_block(in_features: int, out_features: int) -> nn.Sequential:
+    """Build a generator block that doubles height and width: (B, in, H, W) -> (B, out, 2H, 2W)."""
+    return nn.Sequential(
+        nn.ConvTranspose2d(in_features, out_features, 4, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(out_features),
+        nn.ReLU(inplace=True),
+    )
+
+
+def downsample_block(in_features: int, out_features: int, batch_norm: bool, dropout: float) -> nn.Sequential:
+    """Build a discriminator block that halves height and width: (B, in, H, W) -> (B, out, H/2, W/2).
+
+    The DCGAN paper leaves batch norm out of the discriminator's first block, so batch_norm is
+    False there. A dropout of 0 adds no dropout layer.
+    """
+    layers: list[nn.Module] = [nn.Conv2d(in_features, out_features, 4, stride=2, padding=1, bias=False)]
+    if batch_norm:
+        layers.append(nn.BatchNorm2d(out_features))
+    layers.append(nn.LeakyReLU(LEAKY_RELU_SLOPE, inplace=True))
+    if dropout > 0:
+        layers.append(nn.Dropout(dropout))
+    return nn.Sequential(*layers)
+
+
+def init_dcgan_weights(module: nn.Module) -> None:
+    """Initialise one layer as in the DCGAN paper: conv weights N(0, 0.02), batch norm weight N(1, 0.02), bias 0.
+
+    Meant for `Module.apply`; it draws from torch's global random generator.
+    """
+    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+        nn.init.normal_(module.weight, mean=0.0, std=INIT_STD)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.BatchNorm2d):
+        nn.init.normal_(module.weight, mean=1.0, std=INIT_STD)
+        nn.init.zeros_(module.bias)

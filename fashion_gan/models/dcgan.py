@@ -1,0 +1,271 @@
+"""The DCGAN LightningModule: adversarial training of a Generator against a Discriminator."""
+
+import logging
+import math
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+
+from fashion_gan.errors import ConfigError, TrainingDivergedError
+from fashion_gan.models.discriminator import Discriminator
+from fashion_gan.models.generator import Generator
+
+log = logging.getLogger(__name__)
+
+
+def derive_step_seeds(seed: int, step: int, rank: int) -> tuple[int, int]:
+    """Return (noise_seed, dropout_seed) for one training step of one process.
+
+    The seeds depend only on the run seed, the global step and the global rank, so a resumed
+    run draws the same noise, flips and dropout masks as an uninterrupted one.
+    """
+    state = np.random.SeedSequence([seed, step, rank]).generate_state(2, dtype=np.uint64)
+    # Drop the top bit so each seed fits the signed 64-bit integer that torch seeds are stored in.
+    return int(state[0] >> np.uint64(1)), int(state[1] >> np.uint64(1))
+
+
+def _skip_closure() -> None:
+    """Serve as the closure of an optimizer step whose gradients were computed beforehand."""
+
+
+class DCGAN(pl.LightningModule):
+    """Train a DCGAN with Lightning manual optimization: one D update and one G update per global step.
+
+    Both losses of a step are computed from the parameters as they are at the start of that step
+    (a simultaneous update, where the reference DCGAN code updates D before computing the G loss).
+    That order lets one finiteness check on both losses run before either optimizer step.
+
+    Batches are uint8 tensors of shape (B, channels, image_size, image_size) on the training
+    device. `inject_nan_at_step` exists for tests only: it makes the discriminator loss NaN at
+    that global step.
+    """
+
+    def __init__(
+        self,
+        latent_dim: int = 100,
+        generator_features: int = 64,
+        discriminator_features: int = 64,
+        channels: int = 1,
+        image_size: int = 64,
+        dropout: float = 0.0,
+        generator_lr: float = 2e-4,
+        discriminator_lr: float = 2e-4,
+        adam_beta1: float = 0.5,
+        adam_beta2: float = 0.999,
+        label_smoothing: float = 0.0,
+        sample_count: int = 64,
+        augment_flip: bool = False,
+        seed: int = 0,
+        channels_last: bool = False,
+        check_finite_every_n_steps: int = 1,
+        inject_nan_at_step: int | None = None,
+    ) -> None:
+        super().__init__()
+        _check_training_settings(
+            generator_lr=generator_lr,
+            discriminator_lr=discriminator_lr,
+            adam_beta1=adam_beta1,
+            adam_beta2=adam_beta2,
+            label_smoothing=label_smoothing,
+            sample_count=sample_count,
+            seed=seed,
+            check_finite_every_n_steps=check_finite_every_n_steps,
+        )
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+
+        # Seed the initial weights and the fixed noise without disturbing the caller's global RNG.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.generator = Generator(latent_dim, generator_features, channels, image_size)
+            self.discriminator = Discriminator(discriminator_features, channels, image_size, dropout)
+            fixed_noise = torch.randn(sample_count, latent_dim)
+        # A buffer, so the checkpoint stores it and sample grids of a resumed run use the same noise.
+        self.register_buffer("fixed_noise", fixed_noise)
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """Generate images in [-1, 1] from noise of shape (B, latent_dim)."""
+        return self.generator(z)
+
+    @torch.no_grad()
+    def sample(self, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Generate images in [-1, 1] from `noise`, or from the fixed noise buffer when it is None.
+
+        The generator runs in eval mode, so batch norm uses its running statistics and each image
+        depends only on its own noise vector. The previous train/eval mode is restored.
+        """
+        if noise is None:
+            noise = self.fixed_noise
+        was_training = self.generator.training
+        self.generator.eval()
+        try:
+            return self.generator(noise.to(self.device))
+        finally:
+            self.generator.train(was_training)
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        """Create one Adam optimizer for the generator and one for the discriminator, in that order."""
+        betas = (self.hparams.adam_beta1, self.hparams.adam_beta2)
+        generator_optimizer = torch.optim.Adam(self.generator.parameters(), lr=self.hparams.generator_lr, betas=betas)
+        discriminator_optimizer = torch.optim.Adam(
+            self.discriminator.parameters(), lr=self.hparams.discriminator_lr, betas=betas
+        )
+        return [generator_optimizer, discriminator_optimizer]
+
+    def on_fit_start(self) -> None:
+        """Reject float16 precision, whose shared gradient scaler does not fit two optimizers per step."""
+        precision = str(self.trainer.precision)
+        if precision.startswith("16"):
+            raise ConfigError(
+                f"trainer precision {precision!r} is not supported by the DCGAN module: "
+                "use 'bf16-mixed' for mixed precision, or '32-true'."
+            )
+        log.info(
+            "training a %dx%d DCGAN: %d generator and %d discriminator parameters, precision %s",
+            self.hparams.image_size,
+            self.hparams.image_size,
+            sum(p.numel() for p in self.generator.parameters()),
+            sum(p.numel() for p in self.discriminator.parameters()),
+            precision,
+        )
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        """Run one D update and one G update, and count them as one global step."""
+        step = self.global_step
+        noise_seed, dropout_seed = derive_step_seeds(self.hparams.seed, step, self.global_rank)
+        rng = torch.Generator(device=self.device).manual_seed(noise_seed)
+        cuda_devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda_devices):
+            # Dropout draws from the global RNG: reseed it per step, and restore the caller's state after.
+            torch.manual_seed(dropout_seed)
+            d_loss, g_loss = self._compute_gradients(batch, rng, step)
+        self._raise_if_diverged(d_loss, g_loss, step)
+
+        generator_optimizer, discriminator_optimizer = self.optimizers()
+        # Update G to minimise the non-saturating loss -log D(G(z)), so that D scores fakes as real.
+        # Lightning 2.6 adds one to global_step for every LightningOptimizer.step in manual
+        # optimization. The strategy call below applies precision handling without that count.
+        self.trainer.strategy.optimizer_step(generator_optimizer.optimizer, closure=_skip_closure)
+        # Update D to minimise BCE(D(x), 1 - label_smoothing) + BCE(D(G(z)), 0): real scored real, fake fake.
+        discriminator_optimizer.step()
+
+    def _compute_gradients(
+        self, batch: torch.Tensor, rng: torch.Generator, step: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Compute both losses, store their gradients in .grad and log them; apply no update."""
+        real = self._prepare_real_batch(batch, rng)
+        noise = torch.randn(real.shape[0], self.hparams.latent_dim, generator=rng, device=real.device)
+        generator_optimizer, discriminator_optimizer = self.optimizers()
+        generator_optimizer.zero_grad()
+        discriminator_optimizer.zero_grad()
+        fake = self.generator(noise)
+
+        real_logits = self.discriminator(real)
+        fake_logits = self.discriminator(fake.detach())
+        real_target = torch.full_like(real_logits, 1.0 - self.hparams.label_smoothing)
+        d_loss = F.binary_cross_entropy_with_logits(
+            real_logits, real_target
+        ) + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits))
+        if step == self.hparams.inject_nan_at_step:
+            d_loss = d_loss * math.nan
+        self.manual_backward(d_loss)
+
+        # Gradients of the G loss reach only the generator's parameters while it is toggled.
+        with self.toggled_optimizer(generator_optimizer):
+            generated_logits = self.discriminator(fake)
+            g_loss = F.binary_cross_entropy_with_logits(generated_logits, torch.ones_like(generated_logits))
+            self.manual_backward(g_loss)
+
+        self._log_step(d_loss, g_loss, real_logits, fake_logits, batch_size=real.shape[0])
+        return d_loss, g_loss
+
+    def _prepare_real_batch(self, batch: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+        """Scale a uint8 batch to float in [-1, 1] on its device, and flip it when augment_flip is set."""
+        expected_shape = (self.hparams.channels, self.hparams.image_size, self.hparams.image_size)
+        if batch.dtype != torch.uint8 or batch.ndim != 4 or tuple(batch.shape[1:]) != expected_shape:
+            raise ConfigError(
+                f"the training batch has dtype {batch.dtype} and shape {tuple(batch.shape)}, but the model "
+                f"expects uint8 images of shape (B, {', '.join(map(str, expected_shape))}). Decode the dataset "
+                "with the same channels and image_size as the model."
+            )
+        real = batch.float().div_(127.5).sub_(1.0)
+        if self.hparams.augment_flip:
+            flip = torch.rand(real.shape[0], generator=rng, device=real.device) < 0.5
+            real = torch.where(flip[:, None, None, None], real.flip(-1), real)
+        if self.hparams.channels_last:
+            real = real.contiguous(memory_format=torch.channels_last)
+        return real
+
+    def _log_step(
+        self,
+        d_loss: torch.Tensor,
+        g_loss: torch.Tensor,
+        real_logits: torch.Tensor,
+        fake_logits: torch.Tensor,
+        batch_size: int,
+    ) -> None:
+        """Log the losses and the mean probability D assigns to real and to generated images."""
+        metrics = {
+            "train/d_loss": d_loss.detach(),
+            "train/g_loss": g_loss.detach(),
+            "train/d_real": torch.sigmoid(real_logits.detach().float()).mean(),
+            "train/d_fake": torch.sigmoid(fake_logits.detach().float()).mean(),
+        }
+        self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size)
+
+    def _raise_if_diverged(self, d_loss: torch.Tensor, g_loss: torch.Tensor, step: int) -> None:
+        """Raise TrainingDivergedError when a loss of this step is NaN or infinite.
+
+        Runs every check_finite_every_n_steps steps (0 disables it). A non-finite loss in a step
+        that is not checked still reaches the weights, and the next check then finds it.
+        """
+        every_n_steps = self.hparams.check_finite_every_n_steps
+        if every_n_steps == 0 or step % every_n_steps != 0:
+            return
+        # NOTE: bool() on a GPU tensor makes the host wait for this step's backward passes, which
+        # stalls the kernel queue once per checked step. Raise check_finite_every_n_steps on GPUs
+        # where that costs throughput.
+        if bool(torch.isfinite(d_loss.detach() + g_loss.detach()).all()):
+            return
+        raise TrainingDivergedError(
+            f"training diverged at step {step}: d_loss={d_loss.item():.4g}, g_loss={g_loss.item():.4g} "
+            "is not finite, so the optimizer steps of this step were not applied. Resume from the last "
+            "checkpoint with lower learning rates (generator_lr, discriminator_lr) or more label_smoothing."
+        )
+
+
+def _check_training_settings(
+    generator_lr: float,
+    discriminator_lr: float,
+    adam_beta1: float,
+    adam_beta2: float,
+    label_smoothing: float,
+    sample_count: int,
+    seed: int,
+    check_finite_every_n_steps: int,
+) -> None:
+    """Raise ConfigError naming the first optimizer or training setting that is out of range."""
+    for name, lr in (("generator_lr", generator_lr), ("discriminator_lr", discriminator_lr)):
+        if not (math.isfinite(lr) and lr > 0):
+            raise ConfigError(f"{name}={lr!r} is invalid: use a positive learning rate such as 2e-4.")
+    for name, beta in (("adam_beta1", adam_beta1), ("adam_beta2", adam_beta2)):
+        if not 0.0 <= beta < 1.0:
+            raise ConfigError(f"{name}={beta!r} is invalid: Adam betas must be in [0, 1).")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ConfigError(
+            f"label_smoothing={label_smoothing!r} is invalid: use a value in [0, 1); "
+            "the real target becomes 1 - label_smoothing."
+        )
+    if isinstance(sample_count, bool) or not isinstance(sample_count, int) or sample_count < 1:
+        raise ConfigError(f"sample_count={sample_count!r} is invalid: use a positive number of sample images.")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"seed={seed!r} is invalid: use a non-negative integer.")
+    if not isinstance(check_finite_every_n_steps, int) or check_finite_every_n_steps < 0:
+        raise ConfigError(
+            f"check_finite_every_n_steps={check_finite_every_n_steps!r} is invalid: "
+            "use a positive number of steps, or 0 to disable the NaN/inf check."
+        )
