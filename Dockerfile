@@ -44,7 +44,7 @@ RUN python -c 'import tomllib; print("\n".join(tomllib.load(open("/tmp/dependenc
     else \
         pip install --requirement /tmp/requirements.txt; \
     fi \
-    && rm -rf /tmp/dependencies
+    && pip check
 
 # Stage 2: the runtime image.
 FROM ${BASE_IMAGE}

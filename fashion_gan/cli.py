@@ -36,6 +36,15 @@ app.add_typer(runs_app, name="runs")
 
 console = Console()
 error_console = Console(stderr=True)
+# Width of tables written to a pipe or file, where rich would otherwise assume 80 columns and cut cells.
+PIPED_TABLE_WIDTH = 200
+
+
+def print_table(table: Table) -> None:
+    if console.is_terminal:
+        console.print(table)
+    else:
+        Console(width=PIPED_TABLE_WIDTH).print(table)
 
 FloydFileOption = Annotated[Path, typer.Option("--file", "-f", help="Job spec file (FloydHub floyd.yml format).")]
 
@@ -78,11 +87,11 @@ def _follow_to_end(job_backend, job_id: str) -> None:
     if status.state is not JobState.SUCCEEDED:
         reason = f": {status.failure_reason}" if status.failure_reason else ""
         raise RunnerError(f"job {job_id} {status.state.value}{reason}; see `fashion-gan logs {job_id}`")
-    error_console.print(f"job {job_id} succeeded")
+    error_console.print(f"job {job_id} succeeded", soft_wrap=True)
 
 
 def _format_time(value: datetime | None) -> str:
-    return value.astimezone().strftime("%Y-%m-%d %H:%M:%S") if value else "-"
+    return value.astimezone().strftime("%Y-%m-%d %H:%M") if value else "-"
 
 
 def _format_duration(status: JobStatus) -> str:
@@ -98,42 +107,66 @@ _STATE_STYLES = {JobState.SUCCEEDED: "green", JobState.FAILED: "red", JobState.T
                  JobState.STOPPED: "yellow", JobState.RUNNING: "cyan", JobState.QUEUED: "blue"}
 
 
-def status_table(statuses: list[JobStatus]) -> Table:
-    """Build the `fashion-gan status` table."""
-    table = Table("id", "backend", "state", "created", "duration", "machine", "description")
-    for status in statuses:
-        style = _STATE_STYLES.get(status.state, "")
-        table.add_row(status.job_id, status.backend, f"[{style}]{status.state.value}[/]", _format_time(status.created_at),
-                      _format_duration(status), status.machine, escape(status.description))
+def _new_status_table() -> Table:
+    table = Table()
+    for column in ("id", "backend", "state", "created", "duration", "machine"):
+        table.add_column(column, no_wrap=True)  # ids and times stay copyable on narrow terminals
+    table.add_column("description")
     return table
 
 
-def _status_of_record(record) -> JobStatus:
-    """Query a job's backend; a backend error becomes a FAILED-looking row instead of ending the listing."""
+def _add_status_row(table: Table, status: JobStatus) -> None:
+    style = _STATE_STYLES.get(status.state, "")
+    table.add_row(status.job_id, status.backend, f"[{style}]{status.state.value}[/]", _format_time(status.created_at),
+                  _format_duration(status), status.machine, escape(status.description))
+
+
+def _add_unknown_row(table: Table, record) -> None:
+    table.add_row(record.spec.job_id, record.backend, "[magenta]unknown[/]", _format_time(record.created_at), "-",
+                  record.spec.machine.name, escape(record.spec.description))
+
+
+def _status_of_record(record) -> JobStatus | str:
+    """Return a job's status, or the error text when its backend cannot be queried (the listing goes on)."""
     try:
         return get_backend(record.backend, record.spec.backend_options, default_jobs_dir()).status(record.spec.job_id)
     except FashionGanError as err:
-        log.warning("cannot query job %s: %s", record.spec.job_id, err)
-        return JobStatus(job_id=record.spec.job_id, backend=record.backend, state=JobState.FAILED,
-                         created_at=record.created_at, started_at=None, finished_at=None,
-                         machine=record.spec.machine.name, description=record.spec.description,
-                         failure_reason=f"status unavailable: {err}")
+        log.warning("failed to query job %s: %s", record.spec.job_id, err)
+        return str(err)
 
 
 @app.command()
 def status(job: Annotated[str | None, typer.Argument(help="Job id; all jobs when omitted.")] = None) -> None:
-    """Show the state of one job or of every job."""
+    """Show the state of one job or of every job, newest first."""
+    table = _new_status_table()
     if job is not None:
-        statuses = [backend_for_job(job).status(job)]
-    else:
-        statuses = [_status_of_record(record) for record in list_records(default_jobs_dir())]
-    if not statuses:
+        job_status = backend_for_job(job).status(job)
+        _add_status_row(table, job_status)
+        print_table(table)
+        _print_reasons([job_status])
+        return
+
+    records = list(list_records(default_jobs_dir()))
+    if not records:
         console.print(f"no jobs in {default_jobs_dir()}; submit one with `fashion-gan run`")
         return
-    console.print(status_table(statuses))
+    results = [(record, _status_of_record(record)) for record in records]
+    for record, result in results:
+        if isinstance(result, JobStatus):
+            _add_status_row(table, result)
+        else:
+            _add_unknown_row(table, record)
+    print_table(table)
+    _print_reasons([result for _, result in results if isinstance(result, JobStatus)])
+    for record, result in results:
+        if isinstance(result, str):
+            console.print(f"{record.spec.job_id}: status unknown: {escape(result)}", soft_wrap=True)
+
+
+def _print_reasons(statuses: list[JobStatus]) -> None:
     for item in statuses:
         if item.failure_reason:
-            console.print(f"{item.job_id}: {escape(item.failure_reason)}")
+            console.print(f"{item.job_id}: {escape(item.failure_reason)}", soft_wrap=True)
 
 
 @app.command()
@@ -146,7 +179,8 @@ def logs(job: Annotated[str, typer.Argument(help="Job id.")],
 
 @app.command()
 def stop(job: Annotated[str, typer.Argument(help="Job id.")],
-         grace_period_s: Annotated[float, typer.Option(help="Seconds between SIGTERM and SIGKILL.")] = 30.0) -> None:
+         grace_period_s: Annotated[float, typer.Option(min=0.0, help="Seconds between SIGTERM and SIGKILL.")] = 30.0,
+         ) -> None:
     """Stop a job: SIGTERM (the job saves a checkpoint), then SIGKILL after the grace period."""
     job_backend = backend_for_job(job)
     job_backend.stop(job, grace_period_s=grace_period_s)
@@ -178,23 +212,29 @@ def _checkpoint_path(reference: str, cache_dir: Path) -> Path:
     if "://" in reference and not reference.startswith("file://"):
         parent, _, name = reference.rstrip("/").rpartition("/")
         return open_store(parent).download_file(name, cache_dir / name)
-    return Path(reference.removeprefix("file://"))
+    path = Path(reference.removeprefix("file://"))
+    if not path.is_file():
+        # Checked here, before `generate` pays seconds for importing torch.
+        raise ConfigError(f"checkpoint not found: {path}. Pass a .ckpt file, a storage URI or a job id")
+    return path
 
 
 @app.command()
 def generate(
     checkpoint: Annotated[str, typer.Option(help="Checkpoint: a local .ckpt, a storage URI or a job id.")],
-    n: Annotated[int, typer.Option("--n", help="Number of images in the grid.")] = 64,
+    n: Annotated[int, typer.Option("--n", min=1, help="Number of images in the grid.")] = 64,
     out: Annotated[Path, typer.Option(help="PNG file to write.")] = Path("grid.png"),
     interpolate: Annotated[int | None, typer.Option(
-        help="Write a strip of this many images interpolated between two latent points instead of a grid.")] = None,
+        min=2, help="Write a strip of this many images interpolated between two latent points instead of a grid.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the latent noise.")] = 0,
 ) -> None:
     """Generate images from a trained generator."""
     from fashion_gan.runner.jobs import fashion_gan_home
+
+    checkpoint_path = _checkpoint_path(checkpoint, fashion_gan_home() / "checkpoints")
     from fashion_gan.sampling import interpolation_strip, load_generator, sample_grid, save_grid_png
 
-    generator = load_generator(_checkpoint_path(checkpoint, fashion_gan_home() / "checkpoints"))
+    generator = load_generator(checkpoint_path)
     if interpolate is not None:
         images = interpolation_strip(generator, interpolate, seed)
         path = save_grid_png(images, out, nrow=interpolate)
@@ -228,8 +268,6 @@ def data_upload(directory: Annotated[Path, typer.Argument(help="Folder of images
     from fashion_gan.storage import open_store
     from fashion_gan.storage.datasets import upload_dataset
 
-    if not directory.is_dir():
-        raise ConfigError(f"dataset folder {directory} not found; pass a folder of images")
     version = upload_dataset(open_store(storage or _default_storage()), directory, name)
     typer.echo(f"{name}/{version}")
 
@@ -249,13 +287,13 @@ def data_list(name: Annotated[str | None, typer.Argument(help="Dataset name; all
     for item in versions:
         table.add_row(item.name, str(item.version), item.state, str(item.file_count),
                       f"{item.total_bytes / 1e6:.1f}", item.created)
-    console.print(table)
+    print_table(table)
 
 
 @metrics_app.command("train-features")
 def metrics_train_features(
     out: Annotated[Path | None, typer.Option(help="Folder for the weights; default: the package's weights folder.")] = None,
-    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 4,
+    epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 4,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     data_dir: Annotated[Path | None, typer.Option(help="Fashion-MNIST folder; default: the installed copy.")] = None,
 ) -> None:
@@ -286,7 +324,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, prog_name="fashion-gan")
     except FashionGanError as err:
-        error_console.print(f"[bold red]error:[/] {escape(str(err))}")
+        error_console.print(f"[bold red]error:[/] {escape(str(err))}", soft_wrap=True)
         raise SystemExit(err.exit_code) from None
 
 

@@ -33,7 +33,9 @@ def load_generator(checkpoint_path: str | Path) -> Generator:
         # weights_only=True unpickles tensors and plain containers only, so a crafted file cannot run code.
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError) as err:
-        raise ConfigError(f"failed to read checkpoint {path}: {err}. Pass a .ckpt file written by training.") from err
+        raise ConfigError(
+            f"failed to read checkpoint {path}: {err}. Pass a .ckpt file written by training."
+        ) from err
 
     hparams = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
     missing = [name for name in GENERATOR_HPARAMS if name not in hparams]
@@ -62,7 +64,7 @@ def draw_noise(generator: Generator, count: int, seed: int) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(generator: Generator, noise: torch.Tensor) -> torch.Tensor:
-    """Run the generator in eval mode on `noise`; return float images in [-1, 1] on the CPU."""
+    """Run the generator in eval mode on `noise` and return float images in [-1, 1] on the CPU."""
     was_training = generator.training
     generator.eval()
     try:
@@ -142,7 +144,9 @@ def write_timelapse_gif(png_paths: Sequence[str | Path], out_path: str | Path, d
     if not png_paths:
         raise ConfigError("no PNG files given for the timelapse GIF: pass at least one sample grid.")
     if duration_ms < 1:
-        raise ConfigError(f"duration_ms={duration_ms!r} is invalid: use a positive frame duration in milliseconds.")
+        raise ConfigError(
+            f"duration_ms={duration_ms!r} is invalid: use a positive frame duration in milliseconds."
+        )
     frames = []
     for png_path in png_paths:
         with Image.open(png_path) as image:

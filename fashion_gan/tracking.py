@@ -73,6 +73,8 @@ def start_wandb_run(config: TrainConfig, config_dict: dict[str, Any], run_id: st
         log.warning("W&B online start failed (%s); continuing offline. Upload later with `wandb sync %s`.",
                     type(error).__name__, save_dir / "wandb")
         run = wandb.init(mode="offline", settings=wandb.Settings(x_disable_stats=True, console="off"), **arguments)
+    run.define_metric("trainer/global_step")
+    run.define_metric("*", step_metric="trainer/global_step", step_sync=True)
     log.info("W&B run %s (%s mode), files in %s", run_id, mode, run.dir)
     return run
 

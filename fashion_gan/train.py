@@ -297,10 +297,10 @@ def _fit(config: TrainConfig, config_dict: dict, run_id: str, decoded, source, l
     checkpoints = CheckpointPushCallback(local_run_dir, config.run.checkpoint_every_n_steps, pusher)
     metrics = MetricsCallback(local_run_dir, config.trainer.log_every_n_steps,
                               images_per_step=config.data.batch_size * _world_size(config), max_steps=config.trainer.max_steps,
-                              pusher=pusher, write_csv=config.logger.name != "none")
+                              pusher=pusher, write_csv=config.logger.name != "none", loggers=loggers)
     preemption_callback = PreemptionCallback(preemption, checkpoints)
     callbacks = [metrics, SampleGridCallback(local_run_dir, config.run.sample_every_n_steps, pusher,
-                                              real_images=decoded.array[: config.model.sample_count]),
+                                              real_images=decoded.array[: config.model.sample_count], loggers=loggers),
                  checkpoints, preemption_callback]
     callbacks.extend(_metric_callbacks(config, decoded, local_run_dir))
 
@@ -312,7 +312,7 @@ def _fit(config: TrainConfig, config_dict: dict, run_id: str, decoded, source, l
         precision=precision,
         max_steps=config.trainer.max_steps,
         max_epochs=-1,
-        logger=loggers or False,
+        logger=False,
         callbacks=callbacks,
         log_every_n_steps=config.trainer.log_every_n_steps,
         deterministic=config.trainer.deterministic,

@@ -28,7 +28,7 @@ debootstrap --variant=minbase \
     --include=python3,python3-venv,python3-pip,ca-certificates \
     "$DEBIAN_SUITE" "$rootfs_dir" "$DEBIAN_MIRROR"
 
-# The package lists and .deb cache are not needed at run time and add ~100 MB.
+# The package lists and the .deb cache are not needed at run time, so they stay out of the image.
 rm -rf "$rootfs_dir"/var/cache/apt/archives/*.deb "$rootfs_dir"/var/lib/apt/lists/*
 
 echo "importing $rootfs_dir as $BASE_IMAGE_TAG"

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Start a local Docker engine for the docker backend and its tests, unless one already answers.
+# Start a local Docker engine for the docker backend and its tests, unless one already responds.
 #
 # The engine uses the overlay2 storage driver, host networking only (no bridge, no iptables rules,
 # so it never changes the host's firewall) and logs to $DOCKERD_LOG. The script polls `docker info`
-# for at most $DOCKERD_START_TIMEOUT_S seconds and exits non-zero with the log tail if it never answers.
-# Running it again while the engine answers does nothing.
+# for at most $DOCKERD_START_TIMEOUT_S seconds and exits non-zero with the log tail if it never responds.
+# Running it again while the engine responds does nothing.
 set -euo pipefail
 
 DOCKERD_LOG="${DOCKERD_LOG:-/tmp/fashion-gan-dockerd.log}"
@@ -48,7 +48,7 @@ until docker info >/dev/null 2>&1; do
         exit 1
     fi
     if [ "$SECONDS" -ge "$deadline" ]; then
-        echo "dockerd did not answer within ${DOCKERD_START_TIMEOUT_S} s; last lines of $DOCKERD_LOG:" >&2
+        echo "dockerd did not respond within ${DOCKERD_START_TIMEOUT_S} s; last lines of $DOCKERD_LOG:" >&2
         tail -n 20 "$DOCKERD_LOG" >&2
         exit 1
     fi

@@ -17,6 +17,7 @@ import pytest
 # S3 fixtures ------------------------------------------------------------------------------------
 
 S3_SERVER_START_TIMEOUT_S = 30.0
+_DIRECT_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # ignores *_proxy variables
 
 
 def free_port() -> int:
@@ -30,7 +31,7 @@ def s3_env(endpoint: str) -> dict[str, str]:
     """Return the environment variables that point boto3 at the test S3 server with fake keys.
 
     Subprocess tests merge these into the child's environment. Instance metadata lookups are
-    disabled so that boto3 never contacts a metadata address.
+    disabled so that boto3 never contacts a metadata address, and loopback bypasses any HTTP proxy.
     """
     return {
         "AWS_ACCESS_KEY_ID": "testing",
@@ -41,6 +42,8 @@ def s3_env(endpoint: str) -> dict[str, str]:
         "AWS_EC2_METADATA_DISABLED": "true",
         "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
         "AWS_CONFIG_FILE": os.devnull,
+        "NO_PROXY": "127.0.0.1,localhost",
+        "no_proxy": "127.0.0.1,localhost",
     }
 
 
@@ -50,7 +53,7 @@ def _wait_until_answering(process: subprocess.Popen, endpoint: str) -> None:
         if process.poll() is not None:
             raise RuntimeError(f"moto server exited with code {process.returncode} before answering at {endpoint}")
         try:
-            with urllib.request.urlopen(endpoint + "/", timeout=1):
+            with _DIRECT_OPENER.open(endpoint + "/", timeout=1):
                 return
         except urllib.error.HTTPError:
             return  # any HTTP status means the server is up

@@ -199,7 +199,8 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/xml")
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
-        self.wfile.write(payload)
+        if self.command != "HEAD":  # a HEAD response never has a body
+            self.wfile.write(payload)
 
     def _reset_connection(self) -> None:
         # SO_LINGER with a zero timeout makes close() send a TCP RST instead of a FIN.

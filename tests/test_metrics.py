@@ -1,5 +1,7 @@
 """Tests of the quality metrics: shipped classifier, Fréchet distance, class coverage, extractors."""
 
+import gzip
+import math
 import socket
 from pathlib import Path
 
@@ -26,7 +28,7 @@ from fashion_gan.metrics.classifier import (
     uint8_to_unit_range,
 )
 from fashion_gan.metrics.coverage import class_shares, normalized_entropy
-from fashion_gan.metrics.train_features import evaluate_accuracy, read_fashion_mnist
+from fashion_gan.metrics.train_features import evaluate_accuracy, read_fashion_mnist, train_feature_classifier
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 needs_fashion_mnist = pytest.mark.skipif(
@@ -99,6 +101,34 @@ def test_classifier_test_accuracy(test_split):
     assert accuracy >= 0.90
 
 
+def _write_idx_gz(path: Path, magic: int, array: np.ndarray) -> None:
+    header = magic.to_bytes(4, "big") + b"".join(size.to_bytes(4, "big") for size in array.shape)
+    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+
+
+@needs_fashion_mnist
+def test_train_feature_classifier_small(tmp_path, train_split, test_split):
+    # A 512-image copy of Fashion-MNIST keeps the run to a second; accuracy is not checked here.
+    data_dir = tmp_path / "fashion-mnist"
+    data_dir.mkdir()
+    _write_idx_gz(data_dir / "train-images-idx3-ubyte.gz", 0x803, train_split[0][:512])
+    _write_idx_gz(data_dir / "train-labels-idx1-ubyte.gz", 0x801, train_split[1][:512])
+    _write_idx_gz(data_dir / "t10k-images-idx3-ubyte.gz", 0x803, test_split[0][:256])
+    _write_idx_gz(data_dir / "t10k-labels-idx1-ubyte.gz", 0x801, test_split[1][:256])
+    global_rng_state = torch.random.get_rng_state()
+
+    first_path, first_accuracy = train_feature_classifier(tmp_path / "first", epochs=1, seed=3, data_dir=data_dir)
+    second_path, second_accuracy = train_feature_classifier(tmp_path / "second", epochs=1, seed=3, data_dir=data_dir)
+
+    assert first_path == tmp_path / "first" / SHIPPED_WEIGHTS_PATH.name
+    assert file_sha256(first_path) == digest_path_for(first_path).read_text().split()[0]
+    assert file_sha256(first_path) == file_sha256(second_path)
+    assert first_accuracy == second_accuracy
+    assert 0.0 <= first_accuracy <= 1.0
+    assert torch.equal(torch.random.get_rng_state(), global_rng_state)
+    assert load_classifier(first_path).head.out_features == 10
+
+
 def test_prepare_images_gray_and_resize():
     rgb = torch.zeros(2, 3, 64, 64)
     rgb[:, 0] = 1.0  # red channel at the maximum, the others at 0: gray is 1/3
@@ -140,6 +170,7 @@ def test_class_coverage_entropy_bounds():
     single = class_shares(torch.full((100,), 3), 10)
     assert single[3] == 1.0
     assert normalized_entropy(single) == 0.0
+    assert math.copysign(1.0, normalized_entropy(single)) == 1.0  # 0.0, not -0.0, in logs
     two_classes = class_shares(torch.tensor([0, 1] * 50), 10)
     assert normalized_entropy(two_classes) == pytest.approx(np.log(2) / np.log(10))
 
@@ -147,7 +178,8 @@ def test_class_coverage_entropy_bounds():
 @needs_fashion_mnist
 def test_real_test_images_score_low(evaluator_with_train_statistics, test_split):
     scores = evaluator_with_train_statistics.score(_generator_from_array(test_split[0]))
-    assert scores["fid"] < 5.0
+    # Measured about 0.13 on 5,000 vs 5,000 images; mode collapse scores above 300.
+    assert scores["fid"] < 1.0
     assert scores["class_coverage_entropy"] > 0.99
     assert len(scores["class_shares"]) == 10
     assert sum(scores["class_shares"]) == pytest.approx(1.0)

@@ -13,6 +13,18 @@ from fashion_gan.models import ALLOWED_IMAGE_SIZES, Discriminator, Generator
 ALL_SHAPES = [(size, channels) for size in ALLOWED_IMAGE_SIZES for channels in (1, 3)]
 
 
+@pytest.fixture(autouse=True)
+def single_torch_thread():
+    """Run on one intra-op thread, because these tiny models gain nothing from more.
+
+    On a CPU shared with other processes, extra OpenMP threads spin-wait and slow every step down.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def small_generator(image_size: int = 32, channels: int = 1) -> Generator:
     return Generator(latent_dim=16, generator_features=8, channels=channels, image_size=image_size)
 
@@ -80,12 +92,16 @@ def test_zero_dropout_adds_no_dropout_layer():
     assert not any(isinstance(layer, nn.Dropout) for layer in discriminator.modules())
 
 
-def test_64px_layer_widths_match_dcgan_paper():
+def test_64px_widths_follow_dcgan_pattern():
     generator = Generator(latent_dim=100, generator_features=64, channels=3, image_size=64)
-    generator_widths = [layer.out_channels for layer in generator.modules() if isinstance(layer, nn.ConvTranspose2d)]
+    generator_widths = [
+        layer.out_channels for layer in generator.modules() if isinstance(layer, nn.ConvTranspose2d)
+    ]
     assert generator_widths == [512, 256, 128, 64, 3]
     discriminator = Discriminator(discriminator_features=64, channels=3, image_size=64, dropout=0.0)
-    discriminator_widths = [layer.out_channels for layer in discriminator.modules() if isinstance(layer, nn.Conv2d)]
+    discriminator_widths = [
+        layer.out_channels for layer in discriminator.modules() if isinstance(layer, nn.Conv2d)
+    ]
     assert discriminator_widths == [64, 128, 256, 512, 1]
 
 

@@ -23,13 +23,16 @@ class MetricsCallback(pl.Callback):
     """
 
     def __init__(self, local_run_dir: Path, log_every_n_steps: int, images_per_step: int, max_steps: int,
-                 pusher: OutputPusher, write_csv: bool) -> None:
+                 pusher: OutputPusher, write_csv: bool, loggers: list | None = None) -> None:
         self.csv_path = local_run_dir / "metrics.csv"
         self.log_every_n_steps = log_every_n_steps
         self.images_per_step = images_per_step
         self.max_steps = max_steps
         self.pusher = pusher
         self.write_csv = write_csv
+        # Loggers get every row at the job's global step, so metrics and sample images share one
+        # x-axis; the Trainer itself has no logger, because it would log at its own batch counter.
+        self.loggers = loggers or []
         self.train_seconds = 0.0
         self.steps_timed = 0
         self.last_values: dict[str, float] = {}
@@ -55,7 +58,6 @@ class MetricsCallback(pl.Callback):
             values["perf/images_per_s"] = steps * self.images_per_step / elapsed_s
             self.train_seconds += elapsed_s
             self.steps_timed += steps
-            pl_module.log("perf/images_per_s", values["perf/images_per_s"], on_step=True, rank_zero_only=True)
         self._window_start, self._window_start_step = now, step
         self.last_values.update(values)
 
@@ -63,6 +65,8 @@ class MetricsCallback(pl.Callback):
             return
         if self.write_csv:
             append_metrics_row(self.csv_path, step, values)
+        for logger in self.loggers:
+            logger.log_metrics(values, step=step)
         log.info(
             "step %d/%d  d_loss %.4f  g_loss %.4f  D(x) %.3f  D(G(z)) %.3f  %.0f images/s",
             step, self.max_steps, values.get("train/d_loss", float("nan")), values.get("train/g_loss", float("nan")),

@@ -23,11 +23,12 @@ class SampleGridCallback(pl.Callback):
     """
 
     def __init__(self, local_run_dir: Path, every_n_steps: int, pusher: OutputPusher,
-                 real_images: np.ndarray) -> None:
+                 real_images: np.ndarray, loggers: list | None = None) -> None:
         self.sample_dir = local_run_dir / "samples"
         self.every_n_steps = every_n_steps
         self.pusher = pusher
         self.real_images = real_images
+        self.loggers = loggers or []
         self.last_step: int | None = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -57,7 +58,8 @@ class SampleGridCallback(pl.Callback):
         _save_grid(images, path)
         self.last_step = step
         self.pusher.push(path)
-        _log_image(trainer, path, step)
+        for logger in self.loggers:
+            logger.log_image(key="samples/fixed_noise", images=[str(path)], step=step, caption=[f"step {step}"])
         return path
 
     def write_timelapse(self) -> Path | None:
@@ -80,10 +82,3 @@ def _save_grid(images: torch.Tensor, path: Path) -> None:
     save_image(grid, temporary)
     temporary.replace(path)
 
-
-def _log_image(trainer: pl.Trainer, path: Path, step: int) -> None:
-    from pytorch_lightning.loggers import WandbLogger
-
-    for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger):
-            logger.log_image(key="samples/fixed_noise", images=[str(path)], step=step, caption=[f"step {step}"])

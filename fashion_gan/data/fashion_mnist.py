@@ -10,8 +10,6 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from fashion_gan.errors import DatasetError
 
@@ -19,7 +17,7 @@ log = logging.getLogger(__name__)
 
 FASHION_MNIST_ENV_VAR = "FASHION_MNIST_DIR"
 SYSTEM_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-"""Where Debian's dataset-fashion-mnist package installs the four idx files."""
+"""The folder into which Debian's dataset-fashion-mnist package installs the four idx files."""
 
 DEFAULT_DOWNLOAD_DIR = Path.home() / ".cache" / "fashion-gan" / "fashion-mnist"
 
@@ -49,7 +47,7 @@ def find_idx_file(directory: Path, base_name: str) -> Path | None:
 
 
 def idx_files(directory: Path | str, split: str = "train") -> list[Path]:
-    """Return the image and label idx files of `split` in `directory`; raise DatasetError if one is missing."""
+    """Return the image and label idx files of `split` in `directory`, or raise DatasetError."""
     directory = Path(directory)
     paths = []
     for base_name in idx_file_names(split):
@@ -63,7 +61,8 @@ def idx_files(directory: Path | str, split: str = "train") -> list[Path]:
     return paths
 
 
-def _has_idx_files(directory: Path) -> bool:
+def has_idx_files(directory: Path) -> bool:
+    """Return whether `directory` contains the Fashion-MNIST train image and label idx files."""
     return directory.is_dir() and all(
         find_idx_file(directory, base_name) is not None for base_name in idx_file_names("train")
     )
@@ -79,15 +78,15 @@ def find_fashion_mnist_dir(
 
     Order: `explicit`, then the FASHION_MNIST_DIR environment variable, then
     /usr/share/datasets/fashion-mnist, then a torchvision download into `download_dir` when the
-    download mirror answers. An explicit folder or FASHION_MNIST_DIR without the files raises
-    DatasetError rather than falling back, because the caller asked for that folder.
+    download mirror accepts a TCP connection within 3 s. An explicit folder or FASHION_MNIST_DIR
+    without the files raises DatasetError rather than falling back, because the caller chose it.
     """
     if explicit is not None:
         return _require_idx_dir(Path(explicit), "the folder given")
     from_env = os.environ.get(FASHION_MNIST_ENV_VAR)
     if from_env:
         return _require_idx_dir(Path(from_env), f"{FASHION_MNIST_ENV_VAR}={from_env}")
-    if _has_idx_files(SYSTEM_FASHION_MNIST_DIR):
+    if has_idx_files(SYSTEM_FASHION_MNIST_DIR):
         return SYSTEM_FASHION_MNIST_DIR
 
     download_dir = Path(download_dir) if download_dir is not None else DEFAULT_DOWNLOAD_DIR
@@ -103,7 +102,7 @@ def find_fashion_mnist_dir(
 
 
 def _require_idx_dir(directory: Path, described_as: str) -> Path:
-    if not _has_idx_files(directory):
+    if not has_idx_files(directory):
         names = ", ".join(idx_file_names("train"))
         raise DatasetError(
             f"Fashion-MNIST idx files ({names}, raw or .gz) not found in {directory} ({described_as}). "
@@ -114,7 +113,7 @@ def _require_idx_dir(directory: Path, described_as: str) -> Path:
 
 def _try_download(download_dir: Path, allow_download: bool) -> str | None:
     """Download Fashion-MNIST with torchvision; return None on success or why it did not happen."""
-    if _has_idx_files(download_dir / "FashionMNIST" / "raw"):
+    if has_idx_files(download_dir / "FashionMNIST" / "raw"):
         return None
     if not allow_download:
         return "was not allowed (allow_download=False)"
@@ -122,7 +121,7 @@ def _try_download(download_dir: Path, allow_download: bool) -> str | None:
 
     mirror = FashionMNIST.mirrors[0]
     if not _is_reachable(mirror):
-        return f"was skipped because {mirror} did not answer within {_REACHABILITY_TIMEOUT_S:.0f} s (offline?)"
+        return f"was skipped because {mirror} did not answer within {_REACHABILITY_TIMEOUT_S:.0f} s"
     log.info("Downloading Fashion-MNIST from %s into %s", mirror, download_dir)
     try:
         FashionMNIST(root=str(download_dir), train=True, download=True)
@@ -189,6 +188,10 @@ def resize_square_images(images: np.ndarray, channels: int, image_size: int) -> 
     Uses bicubic interpolation with antialiasing, so downscaling does not alias. With channels=3
     the gray channel is replicated.
     """
+    # torch is imported here so that finding and reading the idx files does not load it.
+    import torch
+    import torch.nn.functional as F
+
     count, height, width = images.shape
     resized = np.empty((count, 1, image_size, image_size), dtype=np.uint8)
     for start in range(0, count, _RESIZE_CHUNK):
@@ -197,7 +200,11 @@ def resize_square_images(images: np.ndarray, channels: int, image_size: int) -> 
         chunk = chunk.unsqueeze(1)
         if (height, width) != (image_size, image_size):
             chunk = F.interpolate(
-                chunk.float(), size=(image_size, image_size), mode="bicubic", antialias=True, align_corners=False
+                chunk.float(),
+                size=(image_size, image_size),
+                mode="bicubic",
+                antialias=True,
+                align_corners=False,
             )
             # Bicubic overshoots at sharp edges, so clamp before converting back to uint8.
             chunk = chunk.round_().clamp_(0, 255).to(torch.uint8)

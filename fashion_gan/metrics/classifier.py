@@ -119,7 +119,7 @@ def read_expected_sha256(weights_path: Path) -> str:
         text = digest_path.read_text()
     except FileNotFoundError as err:
         raise ChecksumError(
-            f"digest file {digest_path} not found; the classifier weights {weights_path} cannot be verified. "
+            f"digest file {digest_path} not found, so the classifier weights {weights_path} cannot be verified. "
             "Run `fashion-gan metrics train-features` to produce both files."
         ) from err
     return text.split()[0].strip().lower()

@@ -23,5 +23,5 @@ def normalized_entropy(shares: np.ndarray) -> float:
         raise ValueError(f"normalized entropy needs at least 2 classes, got {len(shares)}")
     nonzero = shares[shares > 0]
     entropy = float(-(nonzero * np.log(nonzero)).sum())
-    # max(…, 0.0) turns the -0.0 of a single-class distribution into 0.0.
-    return max(entropy / math.log(len(shares)), 0.0)
+    # Adding 0.0 turns the -0.0 of a single-class distribution into 0.0.
+    return entropy / math.log(len(shares)) + 0.0

@@ -38,7 +38,7 @@ REAL_SELECTION_SEED = 0
 
 
 class MetricUnavailable(FashionGanError):
-    """A quality metric cannot run here (missing package or weights); training continues without it."""
+    """A quality metric cannot run here because a package or weights are missing. Training continues without it."""
 
     # NOTE: belongs in fashion_gan/errors.py beside the other error classes.
     exit_code = ExitCode.CONFIG
@@ -67,7 +67,7 @@ def feature_statistics(features: torch.Tensor) -> FeatureStatistics:
 def _symmetric_sqrt(matrix: torch.Tensor) -> torch.Tensor:
     """Return the square root of a symmetric positive semi-definite matrix via its eigendecomposition."""
     eigenvalues, eigenvectors = torch.linalg.eigh((matrix + matrix.T) / 2)
-    # Rounding leaves eigenvalues of a PSD matrix slightly below zero; they are zero.
+    # Rounding can leave eigenvalues of a PSD matrix slightly below zero, where the exact value is zero.
     roots = eigenvalues.clamp(min=0).sqrt()
     return (eigenvectors * roots) @ eigenvectors.T
 
@@ -110,7 +110,7 @@ class FeatureExtractor(ABC):
     @property
     @abstractmethod
     def identity(self) -> str:
-        """A string that changes whenever the features would change, part of the cache key of real statistics."""
+        """Return a string that changes whenever the features would change, used in the cache key of real statistics."""
 
     @abstractmethod
     def extract(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -160,16 +160,15 @@ class InceptionExtractor(FeatureExtractor):
             raise MetricUnavailable(
                 "the inception FID extractor needs the torch-fidelity package, which is not installed, and its "
                 "Inception-v3 weights, which cannot be downloaded without internet access. Install "
-                "torch-fidelity and run once online (or pass a local weights file), or use "
-                f"metrics.feature_extractor=fashion_mnist_classifier. Import error: {err}"
+                "torch-fidelity and run once online (or pass a local weights file), or use the "
+                f"fashion_mnist_classifier extractor. Import error: {err}"
             ) from err
         except (OSError, RuntimeError) as err:
             # torch.hub raises URLError (an OSError) offline and RuntimeError for a corrupt download.
             raise MetricUnavailable(
                 "the Inception-v3 weights of the inception FID extractor cannot be downloaded or loaded "
                 f"({type(err).__name__}: {err}). Run once with internet access to fill the torch hub cache "
-                f"({torch.hub.get_dir()}), pass a local weights file, or use "
-                "metrics.feature_extractor=fashion_mnist_classifier."
+                f"({torch.hub.get_dir()}), pass a local weights file, or use the fashion_mnist_classifier extractor."
             ) from err
         self.model = metric.inception.to(self.device)
         self._identity = f"{self.name}:{weights_path or 'torch-fidelity default'}"
@@ -195,9 +194,9 @@ EXTRACTOR_NAMES = tuple(_EXTRACTORS)
 
 
 def create_extractor(name: str, device: str | torch.device = "cpu", weights_path: Path | None = None) -> FeatureExtractor:
-    """Create the feature extractor `name`; raises MetricUnavailable when it cannot run here."""
+    """Create the feature extractor `name`. Raises MetricUnavailable when it cannot run here."""
     if name not in _EXTRACTORS:
-        raise ConfigError(f"unknown FID feature extractor {name!r}; choose one of {', '.join(EXTRACTOR_NAMES)}.")
+        raise ConfigError(f"unknown FID feature extractor {name!r}. Choose one of {', '.join(EXTRACTOR_NAMES)}.")
     return _EXTRACTORS[name](device, weights_path)
 
 
@@ -236,8 +235,8 @@ class FidEvaluator:
 
         `real_uint8_array` is (N, C, H, W) or (N, H, W) uint8, possibly a memory map. With more than
         `num_samples` images a fixed, seeded subset is used. The cache is reused when the extractor,
-        the sample count and the array shape match; the caller names the cache after the array
-        contents (the decoded-array cache does), because the pixels are not hashed here.
+        the sample count and the array shape match. The pixels are not hashed, so the caller names
+        the cache after the array contents, as the decoded-array cache does.
         """
         cache_path = Path(cache_path)
         indices = self._select_real_indices(len(real_uint8_array))
@@ -264,9 +263,9 @@ class FidEvaluator:
     def score(self, generator_fn: Callable[[int], torch.Tensor]) -> dict[str, float | list[float] | None]:
         """Score `num_samples` images from `generator_fn` against the real statistics.
 
-        `generator_fn(count)` returns `count` images in [-1, 1] of shape (count, C, H, W); for
-        comparable scores across steps it draws from a fixed noise seed with the generator in
-        eval mode. Returns fid, class_coverage_entropy and class_shares (the last two None for
+        `generator_fn(count)` returns `count` images in [-1, 1] of shape (count, C, H, W). Scores
+        are comparable across steps only when it draws from a fixed noise seed with the generator
+        in eval mode. Returns fid, class_coverage_entropy and class_shares (the last two None for
         extractors without classes).
         """
         if self._real is None:
@@ -331,11 +330,11 @@ def _load_cached_statistics(cache_path: Path, cache_key: str) -> FeatureStatisti
     try:
         with np.load(cache_path, allow_pickle=False) as cached:
             if str(cached["cache_key"]) != cache_key:
-                log.info("real FID statistics at %s were computed with other settings; recomputing", cache_path)
+                log.info("real FID statistics at %s were computed with other settings, recomputing them", cache_path)
                 return None
             return FeatureStatistics(cached["mean"], cached["covariance"], int(cached["num_samples"]))
     except (OSError, ValueError, KeyError) as err:
-        log.warning("cannot read real FID statistics at %s (%s); recomputing", cache_path, err)
+        log.warning("cannot read real FID statistics at %s (%s), recomputing them", cache_path, err)
         return None
 
 

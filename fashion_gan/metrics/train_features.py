@@ -1,9 +1,6 @@
 """Training of the Fashion-MNIST feature classifier whose weights the package ships."""
 
-import gzip
 import logging
-import math
-import os
 import time
 from pathlib import Path
 
@@ -11,7 +8,7 @@ import numpy as np
 import torch
 from torch.nn import functional
 
-from fashion_gan.errors import DatasetError
+from fashion_gan.data.fashion_mnist import find_fashion_mnist_dir, load_idx
 from fashion_gan.metrics.classifier import (
     WEIGHTS_FILENAME,
     FashionMnistClassifier,
@@ -22,54 +19,18 @@ from fashion_gan.metrics.classifier import (
 
 log = logging.getLogger(__name__)
 
-DEFAULT_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-_IDX_FILE_STEMS = {
-    ("train", "images"): "train-images-idx3-ubyte",
-    ("train", "labels"): "train-labels-idx1-ubyte",
-    ("test", "images"): "t10k-images-idx3-ubyte",
-    ("test", "labels"): "t10k-labels-idx1-ubyte",
-}
-_IDX_MAGIC_IMAGES = 0x00000803  # unsigned bytes, 3 dimensions
-_IDX_MAGIC_LABELS = 0x00000801  # unsigned bytes, 1 dimension
-
-
-def _read_idx_file(directory: Path, split: str, kind: str) -> np.ndarray:
-    stem = _IDX_FILE_STEMS[(split, kind)]
-    for path in (directory / f"{stem}.gz", directory / stem):
-        if path.is_file():
-            break
-    else:
-        raise DatasetError(f"Fashion-MNIST file {stem}(.gz) not found in {directory}; set FASHION_MNIST_DIR.")
-
-    data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    magic = int.from_bytes(data[0:4], "big")
-    expected_magic = _IDX_MAGIC_IMAGES if kind == "images" else _IDX_MAGIC_LABELS
-    if magic != expected_magic:
-        raise DatasetError(f"{path} has idx magic number {magic:#010x}, expected {expected_magic:#010x}.")
-    dimensions = magic & 0xFF
-    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(dimensions))
-    header_size = 4 + 4 * dimensions
-    if len(data) != header_size + math.prod(shape):
-        raise DatasetError(f"{path} is truncated: its header announces shape {shape}.")
-    return np.frombuffer(data, dtype=np.uint8, offset=header_size).reshape(shape)
-
 
 def read_fashion_mnist(split: str, directory: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Return (images uint8 (N, 28, 28), labels uint8 (N,)) of the "train" or "test" split.
+    """Return writable (images uint8 (N, 28, 28), labels uint8 (N,)) of the "train" or "test" split.
 
-    The directory defaults to FASHION_MNIST_DIR, then /usr/share/datasets/fashion-mnist.
+    The folder is `directory`, else the one `find_fashion_mnist_dir` finds (FASHION_MNIST_DIR,
+    /usr/share/datasets/fashion-mnist, or a torchvision download when online).
     """
-    # NOTE: fashion_gan.data.fashion_mnist.load_idx does the same with more fallbacks; this copy keeps
-    # the metrics package usable on its own.
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    if directory is None:
-        directory = Path(os.environ.get("FASHION_MNIST_DIR", DEFAULT_FASHION_MNIST_DIR))
-    images = _read_idx_file(directory, split, "images")
-    labels = _read_idx_file(directory, split, "labels")
-    if len(images) != len(labels):
-        raise DatasetError(f"Fashion-MNIST {split} split in {directory} has {len(images)} images but {len(labels)} labels.")
-    return images, labels
+    images, labels = load_idx(find_fashion_mnist_dir(directory), split)
+    # Copies, because torch.from_numpy warns about the read-only arrays that load_idx returns.
+    return images.copy(), labels.copy()
 
 
 @torch.no_grad()
@@ -112,7 +73,7 @@ def train_feature_classifier(
         torch.manual_seed(seed)
         model = FashionMnistClassifier()
     generator = torch.Generator().manual_seed(seed)
-    images = uint8_to_unit_range(torch.from_numpy(train_images.copy()).unsqueeze(1))  # (N, 1, 28, 28)
+    images = uint8_to_unit_range(torch.from_numpy(train_images).unsqueeze(1))  # (N, 1, 28, 28)
     labels = torch.from_numpy(train_labels.astype(np.int64))
 
     steps_per_epoch = len(images) // batch_size

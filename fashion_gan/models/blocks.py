@@ -9,12 +9,12 @@ from fashion_gan.errors import ConfigError
 ALLOWED_IMAGE_SIZES = (16, 32, 64, 128, 256)
 ALLOWED_CHANNELS = (1, 3)
 
-# Both networks start or end at a 4x4 feature map; every block in between doubles or halves it.
+# Both networks start or end at a 4x4 feature map. Every block in between doubles or halves it.
 BASE_RESOLUTION = 4
 
-# Feature maps at resolution image_size / 2**j have features * min(2**(j-1), 8) channels. The cap
-# keeps 128 and 256 pixel models from growing 2048-channel layers; at 64 pixels it gives the
-# layer widths of the DCGAN paper (Radford et al., 2015).
+# Feature maps at resolution image_size / 2**j have features * min(2**(j-1), 8) channels.
+# At 64 pixels that is the usual DCGAN pattern 8f, 4f, 2f, f. The cap stops 128 and 256 pixel
+# models from growing 16f and 32f layers.
 MAX_FEATURE_MULTIPLIER = 8
 
 LEAKY_RELU_SLOPE = 0.2
@@ -73,8 +73,8 @@ def upsample_block(in_features: int, out_features: int) -> nn.Sequential:
 def downsample_block(in_features: int, out_features: int, batch_norm: bool, dropout: float) -> nn.Sequential:
     """Build a discriminator block that halves height and width: (B, in, H, W) -> (B, out, H/2, W/2).
 
-    The DCGAN paper leaves batch norm out of the discriminator's first block, so batch_norm is
-    False there. A dropout of 0 adds no dropout layer.
+    The DCGAN paper (Radford et al., 2015) leaves batch norm out of the discriminator's input
+    block, so batch_norm is False there. A dropout of 0 adds no dropout layer.
     """
     layers: list[nn.Module] = [nn.Conv2d(in_features, out_features, 4, stride=2, padding=1, bias=False)]
     if batch_norm:
@@ -86,9 +86,9 @@ def downsample_block(in_features: int, out_features: int, batch_norm: bool, drop
 
 
 def init_dcgan_weights(module: nn.Module) -> None:
-    """Initialise one layer as in the DCGAN paper: conv weights N(0, 0.02), batch norm weight N(1, 0.02), bias 0.
+    """Initialise one layer: conv weights N(0, 0.02), batch norm weight N(1, 0.02) and biases 0.
 
-    Meant for `Module.apply`; it draws from torch's global random generator.
+    Pass it to `Module.apply`. It draws from torch's global random generator.
     """
     if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
         nn.init.normal_(module.weight, mean=0.0, std=INIT_STD)

@@ -33,9 +33,9 @@ def _skip_closure() -> None:
 class DCGAN(pl.LightningModule):
     """Train a DCGAN with Lightning manual optimization: one D update and one G update per global step.
 
-    Both losses of a step are computed from the parameters as they are at the start of that step
-    (a simultaneous update, where the reference DCGAN code updates D before computing the G loss).
-    That order lets one finiteness check on both losses run before either optimizer step.
+    The updates alternate as in the DCGAN paper: D steps first, then the G loss is computed against
+    the updated D. Each loss is checked for NaN/inf before its optimizer step, so non-finite
+    gradients never reach the weights.
 
     Batches are uint8 tensors of shape (B, channels, image_size, image_size) on the training
     device. `inject_nan_at_step` exists for tests only: it makes the discriminator loss NaN at
@@ -110,7 +110,9 @@ class DCGAN(pl.LightningModule):
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         """Create one Adam optimizer for the generator and one for the discriminator, in that order."""
         betas = (self.hparams.adam_beta1, self.hparams.adam_beta2)
-        generator_optimizer = torch.optim.Adam(self.generator.parameters(), lr=self.hparams.generator_lr, betas=betas)
+        generator_optimizer = torch.optim.Adam(
+            self.generator.parameters(), lr=self.hparams.generator_lr, betas=betas
+        )
         discriminator_optimizer = torch.optim.Adam(
             self.discriminator.parameters(), lr=self.hparams.discriminator_lr, betas=betas
         )
@@ -134,54 +136,50 @@ class DCGAN(pl.LightningModule):
         )
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> None:
-        """Run one D update and one G update, and count them as one global step."""
+        """Run one D update and one G update, and count them as one global step.
+
+        NOTE: only single-device training has been run. Whether DDP's gradient reducer accepts the
+        two backward passes per step, the second with the discriminator toggled off, is untested.
+        """
         step = self.global_step
         noise_seed, dropout_seed = derive_step_seeds(self.hparams.seed, step, self.global_rank)
         rng = torch.Generator(device=self.device).manual_seed(noise_seed)
         cuda_devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        generator_optimizer, discriminator_optimizer = self.optimizers()
         with torch.random.fork_rng(devices=cuda_devices):
             # Dropout draws from the global RNG: reseed it per step, and restore the caller's state after.
             torch.manual_seed(dropout_seed)
-            d_loss, g_loss = self._compute_gradients(batch, rng, step)
-        self._raise_if_diverged(d_loss, g_loss, step)
+            real = self._prepare_real_batch(batch, rng)
+            noise = torch.randn(real.shape[0], self.hparams.latent_dim, generator=rng, device=real.device)
+            fake = self.generator(noise)
 
-        generator_optimizer, discriminator_optimizer = self.optimizers()
-        # Update G to minimise the non-saturating loss -log D(G(z)), so that D scores fakes as real.
-        # Lightning 2.6 adds one to global_step for every LightningOptimizer.step in manual
-        # optimization. The strategy call below applies precision handling without that count.
-        self.trainer.strategy.optimizer_step(generator_optimizer.optimizer, closure=_skip_closure)
-        # Update D to minimise BCE(D(x), 1 - label_smoothing) + BCE(D(G(z)), 0): real scored real, fake fake.
-        discriminator_optimizer.step()
+            # Update D to minimise BCE(D(x), 1 - label_smoothing) + BCE(D(G(z)), 0): real as real, G(z) as fake.
+            discriminator_optimizer.zero_grad(set_to_none=True)
+            real_logits = self.discriminator(real)
+            fake_logits = self.discriminator(fake.detach())
+            real_target = torch.full_like(real_logits, 1.0 - self.hparams.label_smoothing)
+            d_loss = F.binary_cross_entropy_with_logits(real_logits, real_target) + \
+                F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits))
+            if step == self.hparams.inject_nan_at_step:
+                d_loss = d_loss * math.nan
+            self._raise_if_diverged("d_loss", d_loss, step)
+            self.manual_backward(d_loss)
+            # In manual optimization every LightningOptimizer.step adds one to global_step (pytorch_lightning
+            # 2.6.6, loops/optimization/manual.py). This strategy call applies precision handling uncounted,
+            # so the G step below is the one that counts.
+            self.trainer.strategy.optimizer_step(discriminator_optimizer.optimizer, closure=_skip_closure)
 
-    def _compute_gradients(
-        self, batch: torch.Tensor, rng: torch.Generator, step: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Compute both losses, store their gradients in .grad and log them; apply no update."""
-        real = self._prepare_real_batch(batch, rng)
-        noise = torch.randn(real.shape[0], self.hparams.latent_dim, generator=rng, device=real.device)
-        generator_optimizer, discriminator_optimizer = self.optimizers()
-        generator_optimizer.zero_grad()
-        discriminator_optimizer.zero_grad()
-        fake = self.generator(noise)
-
-        real_logits = self.discriminator(real)
-        fake_logits = self.discriminator(fake.detach())
-        real_target = torch.full_like(real_logits, 1.0 - self.hparams.label_smoothing)
-        d_loss = F.binary_cross_entropy_with_logits(
-            real_logits, real_target
-        ) + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits))
-        if step == self.hparams.inject_nan_at_step:
-            d_loss = d_loss * math.nan
-        self.manual_backward(d_loss)
-
-        # Gradients of the G loss reach only the generator's parameters while it is toggled.
-        with self.toggled_optimizer(generator_optimizer):
-            generated_logits = self.discriminator(fake)
-            g_loss = F.binary_cross_entropy_with_logits(generated_logits, torch.ones_like(generated_logits))
-            self.manual_backward(g_loss)
+            # Update G to minimise the non-saturating loss -log D(G(z)) against the updated D.
+            generator_optimizer.zero_grad(set_to_none=True)
+            # Toggling sets requires_grad=False on the discriminator, so the G loss adds no gradient to D.
+            with self.toggled_optimizer(generator_optimizer):
+                generated_logits = self.discriminator(fake)
+                g_loss = F.binary_cross_entropy_with_logits(generated_logits, torch.ones_like(generated_logits))
+                self._raise_if_diverged("g_loss", g_loss, step)
+                self.manual_backward(g_loss)
+            generator_optimizer.step()
 
         self._log_step(d_loss, g_loss, real_logits, fake_logits, batch_size=real.shape[0])
-        return d_loss, g_loss
 
     def _prepare_real_batch(self, batch: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
         """Scale a uint8 batch to float in [-1, 1] on its device, and flip it when augment_flip is set."""
@@ -217,8 +215,8 @@ class DCGAN(pl.LightningModule):
         }
         self.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size)
 
-    def _raise_if_diverged(self, d_loss: torch.Tensor, g_loss: torch.Tensor, step: int) -> None:
-        """Raise TrainingDivergedError when a loss of this step is NaN or infinite.
+    def _raise_if_diverged(self, name: str, loss: torch.Tensor, step: int) -> None:
+        """Raise TrainingDivergedError when `loss` is NaN or infinite, before its optimizer step.
 
         Runs every check_finite_every_n_steps steps (0 disables it). A non-finite loss in a step
         that is not checked still reaches the weights, and the next check then finds it.
@@ -226,17 +224,15 @@ class DCGAN(pl.LightningModule):
         every_n_steps = self.hparams.check_finite_every_n_steps
         if every_n_steps == 0 or step % every_n_steps != 0:
             return
-        # NOTE: bool() on a GPU tensor makes the host wait for this step's backward passes, which
-        # stalls the kernel queue once per checked step. Raise check_finite_every_n_steps on GPUs
-        # where that costs throughput.
-        if bool(torch.isfinite(d_loss.detach() + g_loss.detach()).all()):
+        # NOTE: bool() on a GPU tensor makes the host wait for the step's kernels (twice per checked
+        # step). Raise check_finite_every_n_steps on GPUs where that costs throughput.
+        if bool(torch.isfinite(loss.detach()).all()):
             return
         raise TrainingDivergedError(
-            f"training diverged at step {step}: d_loss={d_loss.item():.4g}, g_loss={g_loss.item():.4g} "
-            "is not finite, so the optimizer steps of this step were not applied. Resume from the last "
-            "checkpoint with lower learning rates (generator_lr, discriminator_lr) or more label_smoothing."
+            f"Training diverged at step {step}: {name}={loss.item():.4g} is not finite, so this step's "
+            "optimizer update was not applied and the last checkpoint stays the run's latest. Resume from it "
+            "with a lower model.lr or more model.label_smoothing."
         )
-
 
 def _check_training_settings(
     generator_lr: float,

@@ -8,6 +8,7 @@ under `<jobs_dir>/<job_id>.json`.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import logging
 import os
@@ -81,8 +82,8 @@ class InputMount:
 class JobSpec:
     """A fully resolved job, ready for a backend.
 
-    `env` holds non-secret values set by the runner and written to the job record.
-    `env_passthrough` holds only variable NAMES: their values are read from `os.environ` when the
+    `env` contains non-secret values set by the runner and written to the job record.
+    `env_passthrough` contains only variable NAMES: their values are read from `os.environ` when the
     job is submitted (see `resolve_environment`) and never written to any file.
     """
 
@@ -116,7 +117,7 @@ class JobSpec:
 
 @dataclass
 class JobStatus:
-    """What a backend reports about one job. Times are timezone-aware UTC datetimes."""
+    """State of one job as its backend reports it. Times are timezone-aware UTC datetimes."""
 
     job_id: str
     backend: str
@@ -156,8 +157,10 @@ class Backend(ABC):
         unknown = sorted(set(options) - self.known_options)
         if unknown:
             known = ", ".join(sorted(self.known_options)) or "none"
+            closest = difflib.get_close_matches(unknown[0], sorted(self.known_options), n=1)
+            hint = f" (did you mean {closest[0]!r}?)" if closest else ""
             raise ConfigError(
-                f"unknown option(s) {', '.join(unknown)} for backend {self.name!r}; known options: {known}"
+                f"unknown option(s) {', '.join(unknown)}{hint} for backend {self.name!r}; known options: {known}"
             )
         self.options = dict(options)
         self.jobs_dir = Path(jobs_dir)

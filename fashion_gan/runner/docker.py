@@ -6,9 +6,9 @@ id and labelled `fashion-gan.job-id=<id>`. The container is kept after it exits,
 and logs stay readable; remove finished ones with `docker container prune --filter label=fashion-gan.job-id`.
 
 `max_runtime_s` is enforced inside the engine: the command runs under GNU `timeout`, which sends
-SIGTERM at the limit, SIGKILL `TIMEOUT_KILL_AFTER_S` later, and exits with 124. This works when
-nobody polls the job, but needs `timeout` (coreutils) in the image. `status()` also stops a
-container that is still running past the recorded deadline plus that grace period.
+SIGTERM at the limit, SIGKILL `TIMEOUT_KILL_AFTER_S` later, and exits with 124. So the limit holds
+even when no client polls the job, but the image needs `timeout` (coreutils). As a backstop,
+`status()` stops a container that still runs past the recorded deadline plus that grace period.
 
 Pass-through variables (`env_vars` in floyd.yml) are read from this shell at submit and handed to
 the engine only. The job record stores their names. Anyone with access to the engine can still
@@ -48,7 +48,7 @@ TIMEOUT_EXIT_CODE = 124
 SIGKILL_EXIT_CODE = 137
 PREEMPTED_EXIT_CODE = 75
 FAILURE_LOG_LINES = 20
-# Build-argument names that look like credentials; build arguments are stored in the image.
+# Build-argument names that look like credentials. They are rejected because the image stores build arguments.
 _SECRET_NAME_PATTERN = re.compile(r"KEY|SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
 _OPTION_TYPES: dict[str, type] = {
     "build": bool,
@@ -63,17 +63,18 @@ _OPTION_TYPES: dict[str, type] = {
 
 
 class DockerBackend(Backend):
-    """Run jobs as containers on a Docker engine.
+    """Backend that runs each job as a container on a Docker engine.
 
     Options (the `docker:` block of floyd.yml):
-      build: rebuild the image from the Dockerfile even if it exists (default false; a missing
-        image is built when the context has a Dockerfile, else pulled).
-      context: build context folder (default: the current folder); dockerfile: its path inside
-        the context (default "Dockerfile"); build_args: non-secret build arguments.
-      host: engine URL such as ssh://user@gpu-box or tcp://host:2376 (default: DOCKER_HOST);
-        use_ssh_client: reach ssh:// engines through the `ssh` program (default false: paramiko).
-      network_mode: container network (default "host"); user: user[:group] the job runs as
-        (default: the image's USER).
+      build: rebuild the image from the Dockerfile even if it exists (default false). Without it,
+        a missing image is built when the context has a Dockerfile and pulled otherwise.
+      context: build context folder (default: the current folder).
+      dockerfile: Dockerfile path inside the context (default "Dockerfile").
+      build_args: build arguments, which must not be secrets because the image stores them.
+      host: engine URL such as ssh://user@gpu-box or tcp://host:2376 (default: DOCKER_HOST).
+      use_ssh_client: reach ssh:// engines through the `ssh` program instead of paramiko.
+      network_mode: container network (default "host").
+      user: user[:group] the job runs as (default: the image's USER).
     """
 
     name: ClassVar[str] = "docker"
@@ -88,7 +89,7 @@ class DockerBackend(Backend):
 
     @property
     def engine_address(self) -> str:
-        """The engine URL this backend talks to, for messages."""
+        """URL of the engine this backend connects to, for messages."""
         return self.options.get("host") or os.environ.get("DOCKER_HOST") or "the default local socket"
 
     def client(self) -> docker.DockerClient:
@@ -103,8 +104,10 @@ class DockerBackend(Backend):
                 client = docker.from_env(use_ssh_client=use_ssh_client)
             client.ping()
         except docker.errors.DockerException as err:
+            # The Docker SDK 7.2 imports paramiko for every ssh:// engine, also with use_ssh_client.
+            ssh_hint = " ssh:// engines need the paramiko package (pip install paramiko)." if "paramiko" in str(err) else ""
             raise RunnerError(
-                f"cannot reach the Docker engine at {self.engine_address}: {err}. Start the engine "
+                f"cannot reach the Docker engine at {self.engine_address}: {err}.{ssh_hint} Start the engine "
                 "(scripts/start-dockerd.sh on this machine) or point DOCKER_HOST or the docker `host` option at one"
             ) from err
         log.debug("connected to the Docker engine at %s", self.engine_address)
@@ -423,7 +426,7 @@ _FRACTION_PATTERN = re.compile(r"\.(\d{6})\d+")
 
 
 def _parse_docker_time(text: str | None) -> datetime | None:
-    """Parse an engine timestamp (RFC 3339 with nanoseconds); the zero time means "never"."""
+    """Parse an engine timestamp (RFC 3339 with nanoseconds). The zero time means "never" and gives None."""
     if not text or text.startswith("0001-01-01"):
         return None
     return datetime.fromisoformat(_FRACTION_PATTERN.sub(r".\1", text).replace("Z", "+00:00"))

@@ -55,7 +55,7 @@ def utc_now() -> datetime:
 
 @dataclass
 class JobRecord:
-    """What the runner stores about a submitted job."""
+    """Stored record of a submitted job."""
 
     spec: JobSpec
     backend: str
@@ -120,7 +120,7 @@ def load_record(jobs_dir: Path, job_id: str) -> JobRecord:
             f"job {job_id} not found in {jobs_dir}; list jobs with `fashion-gan status`"
         ) from None
     except (OSError, json.JSONDecodeError) as err:
-        raise RunnerError(f"cannot read job record {path}: {err}") from err
+        raise RunnerError(f"failed to read job record {path}: {err}") from err
     return JobRecord.from_dict(data)
 
 

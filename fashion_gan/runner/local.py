@@ -3,7 +3,7 @@
 Layout under `<jobs_dir>/<job_id>/`: `job.log` (stdout and stderr of the command) and
 `exit.json`, written by a small wrapper (this module run with `python -m`) when the command
 ends. The wrapper is the leader of a new session, so `stop` can signal the whole process group,
-and it enforces `max_runtime` itself, so a timeout holds even when nobody polls the job.
+and it enforces `max_runtime` itself, so a timeout applies even when no command polls the job.
 """
 
 from __future__ import annotations
@@ -45,12 +45,12 @@ class LocalBackend(Backend):
     known_options = frozenset({"workdir", "grace_period_s"})
 
     def submit(self, spec: JobSpec) -> None:
-        record = create_record(self.jobs_dir, spec, self.name)
-        work_dir = job_work_dir(self.jobs_dir, spec.job_id)
         workdir = Path(self.options.get("workdir") or Path.cwd())
         if not workdir.is_dir():
-            raise RunnerError(f"working folder {workdir} of local job {spec.job_id} does not exist; "
+            raise RunnerError(f"working folder {workdir} of local job {spec.job_id} not found; "
                               "fix `local: {workdir: …}` in floyd.yml")
+        record = create_record(self.jobs_dir, spec, self.name)
+        work_dir = job_work_dir(self.jobs_dir, spec.job_id)
         environment = {name: os.environ[name] for name in INHERITED_VARIABLES if name in os.environ}
         environment.update(resolve_environment(spec))
 
@@ -61,11 +61,15 @@ class LocalBackend(Backend):
             wrapper += ["--max-runtime-s", str(spec.max_runtime_s)]
         wrapper += ["--", *self._command_for(spec)]
         log.debug("starting local job %s: %s (cwd %s)", spec.job_id, wrapper, workdir)
-        with open(work_dir / LOG_FILE_NAME, "ab") as log_file:
-            process = subprocess.Popen(
-                wrapper, cwd=workdir, env=environment, stdin=subprocess.DEVNULL,
-                stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-            )
+        try:
+            with open(work_dir / LOG_FILE_NAME, "ab") as log_file:
+                process = subprocess.Popen(
+                    wrapper, cwd=workdir, env=environment, stdin=subprocess.DEVNULL,
+                    stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+                )
+        except OSError as err:
+            # The record stays, without a pid, so `status` reports the job as failed to start.
+            raise RunnerError(f"failed to start local job {spec.job_id}: {err}") from err
         update_handle(self.jobs_dir, spec.job_id, pid=process.pid, workdir=str(workdir),
                       started_at=record.created_at.isoformat())
         log.info("started local job %s as process group %d; log at %s", spec.job_id, process.pid,
@@ -199,7 +203,7 @@ def _read_exit_file(path: Path) -> dict[str, Any] | None:
     except FileNotFoundError:
         return None
     except (OSError, json.JSONDecodeError) as err:
-        raise RunnerError(f"cannot read exit record {path}: {err}") from err
+        raise RunnerError(f"failed to read exit record {path}: {err}") from err
 
 
 def _process_alive(pid: int) -> bool:
@@ -216,8 +220,8 @@ def _process_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    # NOTE: after the wrapper has ended, a new process could reuse its pid; the exit record is
-    # checked first, so this matters only for a wrapper killed before it wrote exit.json.
+    # NOTE: a new process could reuse the pid of an ended wrapper. Callers check exit.json first,
+    # so this matters only for a wrapper killed before it wrote that file.
     return True
 
 
@@ -243,15 +247,14 @@ def _run_wrapper(arguments: list[str] | None = None) -> int:
     parser.add_argument("command", nargs="+")
     options = parser.parse_args(arguments)
 
-    # `stop` signals the whole process group. The wrapper catches SIGTERM with a no-op handler so
-    # that it outlives the command and can record how it ended; the command receives the same signal
-    # directly. A handler (unlike SIG_IGN) is reset to the default by exec, so the command still
-    # sees SIGTERM.
+    # `stop` signals the whole process group, so the command receives SIGTERM directly. The wrapper
+    # catches it with a no-op handler to outlive the command and record how it ended. Unlike SIG_IGN,
+    # a handler is reset to the default by exec, so the command still receives SIGTERM.
     signal.signal(signal.SIGTERM, lambda *_: None)
     try:
         child = subprocess.Popen(options.command)
     except OSError as err:
-        print(f"[fashion-gan] cannot start {options.command[0]!r}: {err}", flush=True)
+        print(f"[fashion-gan] failed to start {options.command[0]!r}: {err}", flush=True)
         _write_exit_file(options.exit_file, {"exit_code": 127, "timed_out": False,
                                              "finished_at": utc_now().isoformat()})
         return 127

@@ -161,6 +161,8 @@ def state_from_description(description: dict[str, Any]) -> tuple[JobState, str |
         return JobState.STOPPED, reason or "stopped on request"
     if status == "Failed":
         return JobState.FAILED, reason or "SageMaker reported the job as failed without a reason"
+    if status == "Deleting":
+        return JobState.STOPPED, "SageMaker is deleting the job"
     raise RunnerError(f"unknown SageMaker TrainingJobStatus {status!r}; update fashion_gan.runner.sagemaker")
 
 
@@ -241,8 +243,8 @@ class SageMakerBackend(Backend):
         )
 
     def stop(self, job_id: str, grace_period_s: float = 30.0) -> None:
-        # NOTE: SageMaker sends SIGTERM and waits its own fixed 120 s before SIGKILL, so
-        # grace_period_s cannot be applied here.
+        # SageMaker sends SIGTERM and ends the job 120 s later (StopTrainingJob documentation in the
+        # botocore service model), so grace_period_s does not apply here.
         state = self.status(job_id).state
         if state.is_finished:
             log.info("SageMaker job %s has already finished (%s); nothing to stop", job_id, state.value)

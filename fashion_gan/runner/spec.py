@@ -60,7 +60,8 @@ INPUT_KEYS = frozenset({"source", "destination"})
 # Keys of each backend's options block; each backend class also rejects unknown options itself.
 BACKEND_OPTION_KEYS: dict[str, frozenset[str]] = {
     "local": frozenset({"workdir", "grace_period_s"}),
-    "docker": frozenset({"network_mode", "host"}),
+    "docker": frozenset({"build", "build_args", "context", "dockerfile", "host", "network_mode", "use_ssh_client",
+                         "user"}),
     "sagemaker": frozenset({"role_arn", "instance_types", "region", "max_wait"}),
 }
 
@@ -68,6 +69,9 @@ _ENV_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _DATASET_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]*(/[0-9]+)?$")
 _JOB_OUTPUT_PATTERN = re.compile(r"^jobs/(fg-[0-9a-z]{10})/?$")
 _URI_PATTERN = re.compile(r"^[a-z][a-z0-9+.-]*://")
+# Values Hydra's override grammar reads literally without quotes. Other characters (spaces, quotes,
+# commas, brackets, `=`, `~`) would change the meaning or fail to parse, so such values are quoted.
+_HYDRA_PLAIN_VALUE = re.compile(r"^[A-Za-z0-9_\-+./:@%]+$")
 
 
 @dataclass
@@ -118,14 +122,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 def _closest_hint(name: str, known: frozenset[str] | set[str]) -> str:
     matches = difflib.get_close_matches(str(name), sorted(known), n=1)
-    return f"; did you mean {matches[0]!r}?" if matches else ""
+    return f" (did you mean {matches[0]!r}?)" if matches else ""
 
 
 def _reject_unknown_keys(block: dict[str, Any], known: frozenset[str], where: str) -> None:
     for key in block:
         if key not in known:
             raise ConfigError(
-                f"unknown key {key!r} in {where}{_closest_hint(key, known)} Known keys: {', '.join(sorted(known))}"
+                f"unknown key {key!r} in {where}{_closest_hint(key, known)}; known keys: {', '.join(sorted(known))}"
             )
 
 
@@ -140,6 +144,8 @@ def _check_types(block: dict[str, Any], where: str) -> None:
     for backend, known in BACKEND_OPTION_KEYS.items():
         if backend in block:
             _reject_unknown_keys(block[backend], known, f"the {backend!r} block of {where}")
+    if "input" in block:
+        _parse_inputs(block["input"], f"input of {where}")
     env_vars = block.get("env_vars", [])
     for name in env_vars:
         if not isinstance(name, str) or not _ENV_NAME_PATTERN.match(name):
@@ -195,7 +201,7 @@ def load_floyd_config(path: Path | str = DEFAULT_FLOYD_FILE) -> FloydConfig:
     except FileNotFoundError:
         raise ConfigError(f"{file_path} not found; run from the project folder or pass --file") from None
     except OSError as err:
-        raise ConfigError(f"cannot read {file_path}: {err}") from err
+        raise ConfigError(f"failed to read {file_path}: {err}") from err
     return parse_floyd_text(text, file_path)
 
 
@@ -276,6 +282,19 @@ def data_source_for(mount: InputMount, output_uri: str, base_dir: Path,
     )
 
 
+def hydra_value(text: str) -> str:
+    """Return `text` as a Hydra override value, single-quoted when it contains special characters.
+
+    Inside quotes Hydra treats a backslash as an escape only before a quote or the closing quote,
+    so only those backslashes are doubled.
+    """
+    if _HYDRA_PLAIN_VALUE.match(text):
+        return text
+    escaped = re.sub(r"(\\*)'", lambda match: match.group(1) * 2 + "\\'", text)
+    escaped = re.sub(r"(\\+)$", lambda match: match.group(1) * 2, escaped)
+    return f"'{escaped}'"
+
+
 def build_command(base_command: str | list[str], job_id: str, output_uri: str,
                   data_source: str | None, hydra_overrides: list[str], instance_count: int = 1) -> list[str]:
     """Return the training command with the runner's Hydra overrides, then the user's, appended.
@@ -285,9 +304,9 @@ def build_command(base_command: str | list[str], job_id: str, output_uri: str,
     command = shlex.split(base_command) if isinstance(base_command, str) else [str(part) for part in base_command]
     if not command:
         raise ConfigError("empty 'command' in floyd.yml: give the training command, e.g. 'python train.py'")
-    command += [f"run.id={job_id}", f"run.output={output_uri}"]
+    command += [f"run.id={job_id}", f"run.output={hydra_value(output_uri)}"]
     if data_source is not None:
-        command.append(f"data.source={data_source}")
+        command.append(f"data.source={hydra_value(data_source)}")
     if instance_count > 1:
         command.append(f"trainer.num_nodes={instance_count}")
     return command + list(hydra_overrides)
@@ -299,8 +318,8 @@ def _effective_values(config: FloydConfig, options: RunOptions) -> dict[str, Any
         if options.task not in config.tasks:
             known = ", ".join(sorted(config.tasks)) or "none defined"
             raise ConfigError(
-                f"unknown task {options.task!r} in {config.path}{_closest_hint(options.task, set(config.tasks))} "
-                f"Known tasks: {known}"
+                f"unknown task {options.task!r} in {config.path}{_closest_hint(options.task, set(config.tasks))}; "
+                f"known tasks: {known}"
             )
         values = _merge_blocks(values, config.tasks[options.task])
     flags = {
@@ -328,10 +347,11 @@ def resolve_job(config: FloydConfig, options: RunOptions, job_id: str,
     backend = values.get("backend", DEFAULT_BACKEND)
     if backend not in BACKEND_MODULES:
         raise ConfigError(
-            f"unknown backend {backend!r}{_closest_hint(backend, set(BACKEND_MODULES))} "
-            f"Known backends: {', '.join(sorted(BACKEND_MODULES))}"
+            f"unknown backend {backend!r}{_closest_hint(backend, set(BACKEND_MODULES))}; "
+            f"known backends: {', '.join(sorted(BACKEND_MODULES))}"
         )
-    backend_options = dict(values.get(backend, {}))
+    # `null` in a backend block means "not set": the backend's default applies.
+    backend_options = {key: value for key, value in values.get(backend, {}).items() if value is not None}
     if backend == "local":
         workdir = backend_options.get("workdir", ".")
         backend_options["workdir"] = _resolve_local_path(str(workdir), config.base_dir)
@@ -341,7 +361,7 @@ def resolve_job(config: FloydConfig, options: RunOptions, job_id: str,
     output_uri = resolve_output_uri(values.get("output", DEFAULT_OUTPUT), config.base_dir)
     data_source = data_source_for(inputs[0], output_uri, config.base_dir, job_output_uri) if inputs else None
     if len(inputs) > 1:
-        log.warning("train.py reads only the first input (%s) as data.source; the others are only mounted",
+        log.warning("train.py reads only the first input (%s) as data.source; it does not receive the others",
                     inputs[0].source)
 
     max_runtime_s = values.get("max_runtime")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
@@ -29,6 +30,8 @@ from fashion_gan.storage.uri import StorageUri
 log = logging.getLogger(__name__)
 
 CHUNK_SIZE_BYTES = 1024 * 1024
+# Without a terminal for the progress bar, long transfers log their progress this often instead.
+PROGRESS_LOG_INTERVAL_S = 30.0
 # Prefix of temporary files written next to their destination; listings skip them.
 TEMP_PREFIX = ".fg-tmp-"
 
@@ -48,8 +51,8 @@ class ObjectInfo:
 
 @dataclass(frozen=True)
 class FetchResult:
-    """What one download attempt wrote: byte count, sha256 of those bytes, and the sha256 the
-    store recorded at upload time (None when the object carries none)."""
+    """Result of one download attempt: byte count, sha256 of those bytes, and the sha256 that the
+    store recorded at upload time (None when the object has none)."""
 
     size: int
     sha256: str
@@ -133,7 +136,7 @@ class ObjectStore(ABC):
 
     def describe(self, key: str = "") -> str:
         """Return the full URI of `key`, for messages."""
-        return str(self.root.join(key)) if key else str(self.root)
+        return f"{self.root}/{key}" if key else str(self.root)
 
     def download_file(
         self,
@@ -169,7 +172,7 @@ class ObjectStore(ABC):
             log.warning("download %d of %s failed verification: %s", attempt, self.describe(key), problem)
         raise ChecksumError(
             f"{self.describe(key)} failed verification twice ({problem}); the stored object is "
-            "corrupted or was replaced, or the network corrupts it. Upload it again, or use another dataset version"
+            "corrupted or was replaced, or the network corrupts it. Upload it again, or check the network"
         )
 
     def download_many(
@@ -223,16 +226,30 @@ def run_parallel(
         return
     started = time.monotonic()
     log.info("%s: %d objects, %.1f MB", description, count, total_bytes / 1e6)
-    # disable=None turns the bar off when stderr is not a terminal (batch jobs, CI logs); the
-    # start and end are logged either way.
+    lock = threading.Lock()
+    finished = {"objects": 0, "bytes": 0, "logged_at": started}
+    # disable=None turns the bar off when stderr is not a terminal (batch jobs, CI logs). Then
+    # progress is logged every PROGRESS_LOG_INTERVAL_S seconds instead.
     with (
         tqdm(total=total_bytes, desc=description, unit="B", unit_scale=True, disable=None) as progress,
         ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="storage") as pool,
     ):
 
         def advance(done: Future) -> None:
-            if not done.cancelled() and done.exception() is None:
-                progress.update(done.result())
+            if done.cancelled() or done.exception() is not None:
+                return
+            progress.update(done.result())
+            with lock:
+                finished["objects"] += 1
+                finished["bytes"] += done.result()
+                now = time.monotonic()
+                if not progress.disable or now - finished["logged_at"] < PROGRESS_LOG_INTERVAL_S:
+                    return
+                finished["logged_at"] = now
+            log.info(
+                "%s: %d of %d objects, %.1f of %.1f MB",
+                description, finished["objects"], count, finished["bytes"] / 1e6, total_bytes / 1e6,
+            )
 
         futures = [pool.submit(task, index) for index in range(count)]
         for future in futures:
@@ -254,7 +271,7 @@ def _verification_problem(result: FetchResult, expected_size: int | None, expect
     """Return why a fetched file fails verification, or "" when it passes."""
     if expected_size is not None and result.size != expected_size:
         return f"size {result.size} bytes, expected {expected_size}"
-    wanted_sha256 = expected_sha256 or result.stored_sha256
-    if wanted_sha256 and result.sha256 != wanted_sha256.lower():
-        return f"sha256 {result.sha256}, expected {wanted_sha256}"
+    reference_sha256 = expected_sha256 or result.stored_sha256
+    if reference_sha256 and result.sha256 != reference_sha256.lower():
+        return f"sha256 {result.sha256}, expected {reference_sha256}"
     return ""

@@ -76,7 +76,8 @@ def upload_dataset(
     """Upload every file below `local_dir` as the next version of dataset `name`; return it.
 
     Symbolic links to files are stored as the files they point to. Raises DatasetError for an
-    invalid name, a missing or empty directory, or a non-positive shard size.
+    invalid name, a missing or empty directory, or a non-positive shard size. A version whose
+    shard upload fails stays listed with state "failed", and pulls reject it.
     """
     _check_name(name)
     local_dir = Path(local_dir)
@@ -88,6 +89,8 @@ def upload_dataset(
     if not files:
         raise DatasetError(f"dataset directory {local_dir} contains no files; add images, then upload again")
 
+    # NOTE: all shards are written to the temporary directory before the upload starts, so it
+    # needs free space equal to the dataset size (TMPDIR selects where it is).
     with tempfile.TemporaryDirectory(prefix="fashion-gan-shards-") as shard_dir:
         file_entries, shard_entries = _write_shards(local_dir, files, Path(shard_dir), shard_size_bytes)
         version, claim = _claim_next_version(store, name)
@@ -194,7 +197,7 @@ def _claim_next_version(store: ObjectStore, name: str) -> tuple[int, dict]:
         store.put_if_absent(key, _encode(claim))
         # The claim is read back whatever put_if_absent returned. That covers a create whose reply
         # was lost (the retry then reports "exists") and a server whose conditional write is not
-        # atomic (of two writers told "created", only the one whose claim is stored keeps it).
+        # atomic (of two writers that both got "created", only the one whose claim is stored keeps it).
         if json.loads(store.read_bytes(key)).get("claim_id") == claim["claim_id"]:
             log.info("claimed dataset version %s/%d", name, version)
             return version, claim
@@ -338,12 +341,16 @@ def extract_shard(shard_path: Path, dest_dir: Path, expected_files: dict[str, di
     whose size or sha256 differs. Nothing is written outside `dest_dir`.
     """
     with tarfile.open(shard_path, "r:") as tar:
-        for member in _safe_members(tar, shard_path.name, dest_dir):
-            if member.isdir():
-                continue
-            entry = expected_files.get(member.name)
-            if entry is None:
-                raise DatasetError(f"shard {shard_path.name} contains {member.name!r}, which its manifest does not list")
+        # Every member is checked before the first one is written.
+        members = [member for member in _checked_members(tar, shard_path.name, dest_dir) if member.isfile()]
+        unlisted = [member.name for member in members if member.name not in expected_files]
+        if unlisted:
+            raise DatasetError(
+                f"shard {shard_path.name} contains {unlisted[0]!r}, which its manifest does not list; "
+                "upload the dataset again"
+            )
+        for member in members:
+            entry = expected_files[member.name]
             target = safe_local_path(dest_dir, member.name)
             target.parent.mkdir(parents=True, exist_ok=True)
             source = tar.extractfile(member)
@@ -357,7 +364,7 @@ def extract_shard(shard_path: Path, dest_dir: Path, expected_files: dict[str, di
             os.utime(target, (member.mtime, member.mtime))
 
 
-def _safe_members(tar: tarfile.TarFile, shard_name: str, dest_dir: Path) -> Iterator[tarfile.TarInfo]:
+def _checked_members(tar: tarfile.TarFile, shard_name: str, dest_dir: Path) -> Iterator[tarfile.TarInfo]:
     for member in tar:
         if not (member.isfile() or member.isdir()):
             kind = "link" if member.issym() or member.islnk() else "special file"

@@ -38,7 +38,8 @@ class LocalStore(ObjectStore):
         return safe_local_path(self.directory, key)
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
-        start_dir = self.directory / prefix.rpartition("/")[0] if prefix else self.directory
+        parent_key = prefix.rpartition("/")[0]
+        start_dir = self._path(parent_key) if parent_key else self.directory
         if not start_dir.is_dir():
             return
         for dirpath, dirnames, filenames in os.walk(start_dir):

@@ -57,10 +57,10 @@ DEFAULT_REGION = "us-east-1"
 MAX_ATTEMPTS = 8
 CONNECT_TIMEOUT_S = 5
 READ_TIMEOUT_S = 60
-# The bucket check at open time uses fewer attempts and shorter timeouts, so an unreachable
-# endpoint fails in about 2 * (5 + 10) s plus one backoff of at most 1 s, under 30 s.
+# The bucket check at open time uses fewer attempts and a shorter read timeout, so an unreachable
+# or silent endpoint fails within 2 * (5 + 8) s plus one backoff of at most 1 s, under 30 s.
 PROBE_MAX_ATTEMPTS = 2
-PROBE_READ_TIMEOUT_S = 10
+PROBE_READ_TIMEOUT_S = 8
 # Attempts to read a response body that breaks off midway (botocore does not retry those).
 BODY_READ_ATTEMPTS = 5
 # Larger files go through s3transfer's multipart upload (a single PUT is limited to 5 GiB).
@@ -86,6 +86,8 @@ def resolve_endpoint_url(explicit: str | None = None) -> str | None:
 class S3Store(ObjectStore):
     """Objects below `s3://bucket/prefix`. Opening it checks that the bucket is reachable."""
 
+    list_page_size = 1000  # keys per ListObjectsV2 request; 1000 is the S3 maximum
+
     def __init__(self, root: StorageUri, endpoint_url: str | None = None, max_concurrency: int = 16) -> None:
         self.root = root
         self.bucket = root.bucket
@@ -102,7 +104,7 @@ class S3Store(ObjectStore):
         config = Config(
             region_name=self.region,
             s3={"addressing_style": "path"},
-            retries={"mode": "standard", "max_attempts": max_attempts},
+            retries={"mode": "standard", "total_max_attempts": max_attempts},
             connect_timeout=CONNECT_TIMEOUT_S,
             read_timeout=read_timeout_s,
             max_pool_connections=max_pool_connections,
@@ -132,7 +134,10 @@ class S3Store(ObjectStore):
         full_prefix = f"{self.root.path}/{prefix}" if self.root.path else prefix
         paginator = self.client.get_paginator("list_objects_v2")
         with self._translate_errors("list", prefix):
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=full_prefix):
+            pages = paginator.paginate(
+                Bucket=self.bucket, Prefix=full_prefix, PaginationConfig={"PageSize": self.list_page_size}
+            )
+            for page in pages:
                 for entry in page.get("Contents", []):
                     yield ObjectInfo(self._relative_key(entry["Key"]), entry["Size"], entry["LastModified"])
 
@@ -172,7 +177,7 @@ class S3Store(ObjectStore):
                 code = err.response.get("Error", {}).get("Code", "")
                 if code == "PreconditionFailed":
                     return False
-                # 409: another conditional write to the same key is in flight; S3 asks to retry.
+                # 409 ConditionalRequestConflict: another conditional write to the key is in flight, retry.
                 if code != "ConditionalRequestConflict" or attempt == BODY_READ_ATTEMPTS:
                     raise self._storage_error(err, "create", key) from err
                 time.sleep(random.uniform(0, 0.1 * 2**attempt))
@@ -290,7 +295,8 @@ class S3Store(ObjectStore):
         location = self.describe(key)
         if isinstance(err, (NoCredentialsError, PartialCredentialsError)):
             return StorageError(
-                f"cannot {action} {location}: no usable AWS credentials ({err}). boto3 tried, in order: "
+                f"cannot {action} {location} at {self.endpoint}: no usable AWS credentials ({err}). "
+                "boto3 tried, in order: "
                 f"{', '.join(self._credential_sources())}. Set AWS_ACCESS_KEY_ID and "
                 "AWS_SECRET_ACCESS_KEY, choose a profile with AWS_PROFILE, or attach a role"
             )

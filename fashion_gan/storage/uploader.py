@@ -1,4 +1,4 @@
-"""Background uploads, so the training loop never waits on the network."""
+"""Background uploads: `submit` returns at once, so the training loop does not wait on the network."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ log = logging.getLogger(__name__)
 class BackgroundUploader:
     """Upload files to a store on worker threads.
 
-    A submitted file must stay unchanged until its future completes, because it is read during the
-    upload; callers that overwrite a file in place (like last.ckpt) submit a copy instead.
+    A submitted file is read during the upload, so it must stay unchanged until its future
+    completes. Callers that overwrite a file in place (like last.ckpt) submit a copy instead.
     """
 
     def __init__(self, store: ObjectStore, max_workers: int = 4) -> None:
