@@ -67,7 +67,7 @@ ENV PATH=/opt/venv/bin:$PATH \
 WORKDIR /app
 # The code comes last, so editing it rebuilds only these layers. It stays owned by root, so the
 # job cannot change it; the job writes its outputs under /app (owned by the app user) or storage.
-COPY pyproject.toml train.p[y] /app/
+COPY pyproject.toml train.py /app/
 COPY conf/ /app/conf/
 COPY fashion_gan/ /app/fashion_gan/
 

@@ -188,6 +188,17 @@ def stop(job: Annotated[str, typer.Argument(help="Job id.")],
 
 
 @app.command()
+def restart(job: Annotated[str, typer.Argument(help="Job id.")],
+            follow: Annotated[bool, typer.Option(help="Stream the job's log until it ends.")] = False) -> None:
+    """Run a stopped or failed job again under the same id; training resumes from its latest checkpoint."""
+    job_backend = backend_for_job(job)
+    job_backend.restart(job)
+    typer.echo(job)
+    if follow:
+        _follow_to_end(job_backend, job)
+
+
+@app.command()
 def output(job: Annotated[str, typer.Argument(help="Job id.")],
            dest: Annotated[Path, typer.Option(help="Folder to download into.")] = Path(".")) -> None:
     """Download a job's outputs (checkpoints, samples, metrics) into DEST/<job id>."""

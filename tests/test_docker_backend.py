@@ -15,13 +15,14 @@ from pathlib import Path
 
 import docker
 import docker.errors
+import docker.utils.build
 import pytest
 
 from fashion_gan.errors import ConfigError, RunnerError
 from fashion_gan.runner.backend import JobSpec, JobState, MachineSpec, get_backend
 from fashion_gan.runner.docker import JOB_ID_LABEL, TIMEOUT_EXIT_CODE, DockerBackend
 from fashion_gan.runner.jobs import load_record, new_job_id, record_path
-from docker_helpers import ensure_base_image, ensure_engine, ensure_project_image
+from docker_helpers import REPO_ROOT, ensure_base_image, ensure_engine, ensure_project_image
 
 CONTAINER_WAIT_TIMEOUT_S = 120
 CPU = MachineSpec("cpu", 0)
@@ -106,6 +107,29 @@ def test_unreachable_ssh_engine_names_address(tmp_path: Path) -> None:
         backend.client()
 
 
+def test_dockerignore_keeps_secrets_out(tmp_path: Path) -> None:
+    """Apply .dockerignore with the Docker SDK's own matcher to a context full of things to keep out."""
+    kept_out = [
+        ".env", ".env.local", ".aws/credentials", ".netrc", "deploy.pem", "fashion_gan/server.key",
+        ".git/config", ".venv/bin/python", "data/train/a.png", "runs/fg-x/last.ckpt", "outputs/a.txt",
+        "multirun/0/a.txt", "wandb/run/a.txt", ".cache/pip/a.whl", "tests/test_a.py",
+    ]
+    kept_in = ["Dockerfile", "pyproject.toml", "train.py", "conf/config.yaml", "fashion_gan/__init__.py",
+               ".cache/wheelhouse/torch-2.14.1-cp311-cp311-manylinux_2_28_x86_64.whl"]
+    for relative in kept_out + kept_in:
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / relative).write_text("x")
+    patterns = [line.strip() for line in (REPO_ROOT / ".dockerignore").read_text().splitlines()]
+    patterns = [line for line in patterns if line and not line.startswith("#")]
+
+    included = set(docker.utils.build.exclude_paths(str(tmp_path), patterns))
+
+    for relative in kept_out:
+        assert relative not in included, relative
+    for relative in kept_in:
+        assert relative in included, relative
+
+
 # Engine tests with tiny commands in the base image.
 
 
@@ -163,6 +187,36 @@ def test_failed_job_reports_last_log_lines(engine, base_image, backend, job_ids)
     assert status.exit_code == 3
     assert "exited with code 3" in status.failure_reason
     assert "no such file: x.png" in status.failure_reason
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_failure_reason_masks_passthrough_secret(engine, base_image, backend, job_ids, monkeypatch) -> None:
+    secret = f"fake-secret-{secrets.token_hex(16)}"
+    monkeypatch.setenv("FASHION_GAN_FAKE_PASSTHROUGH", secret)
+    job_id = job_ids()
+    script = 'echo "connecting with $FASHION_GAN_FAKE_PASSTHROUGH"; exit 4'
+    backend.submit(make_spec(job_id, base_image, script, env_passthrough=["FASHION_GAN_FAKE_PASSTHROUGH"]))
+    assert wait_for_exit(engine, backend, job_id) == 4
+
+    status = backend.status(job_id)
+    assert status.state is JobState.FAILED
+    assert "connecting with ***redacted***" in status.failure_reason
+    assert secret not in status.failure_reason
+    assert secret not in record_path(backend.jobs_dir, job_id).read_text()
+
+
+@pytest.mark.docker
+def test_failed_start_removes_container(engine, base_image, backend, job_ids) -> None:
+    job_id = job_ids()
+    spec = JobSpec(job_id=job_id, image=base_image, command=["/no/such/program"], machine=CPU)
+
+    with pytest.raises(RunnerError, match=f"starting the container of job {job_id}"):
+        backend.submit(spec)
+    assert engine.containers.list(all=True, filters={"label": f"{JOB_ID_LABEL}={job_id}"}) == []
+    status = backend.status(job_id)
+    assert status.state is JobState.FAILED
+    assert "the container was not started" in status.failure_reason
 
 
 @pytest.mark.docker

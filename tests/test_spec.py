@@ -325,3 +325,28 @@ def test_output_path_with_quote_is_quoted(tmp_path):
     folder = tmp_path / "it's a project"
     spec = resolve(text="input: ['./photos:p']\n", tmp_path=folder).spec
     assert f"run.output='{folder}/outputs'".replace("it's", "it\\'s") in spec.command
+
+
+def test_docker_options_all_accepted_and_context_resolved(tmp_path):
+    text = """\
+backend: docker
+docker:
+  build: true
+  build_args: {APP_UID: "1000"}
+  context: ./image
+  dockerfile: docker/Dockerfile
+  host: ssh://deploy@gpu-box
+  network_mode: host
+  use_ssh_client: true
+  user: "1000:1000"
+"""
+    options = resolve(text=text, tmp_path=tmp_path).spec.backend_options
+    assert options["context"] == str(tmp_path / "image")
+    assert options["dockerfile"] == "docker/Dockerfile"
+    assert set(options) == {"build", "build_args", "context", "dockerfile", "host", "network_mode",
+                            "use_ssh_client", "user"}
+
+
+def test_docker_absolute_context_kept(tmp_path):
+    options = resolve(text="backend: docker\ndocker:\n  context: /srv/image\n", tmp_path=tmp_path).spec.backend_options
+    assert options["context"] == "/srv/image"

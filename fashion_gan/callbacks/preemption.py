@@ -15,8 +15,8 @@ log = logging.getLogger(__name__)
 class PreemptionSignal:
     """Records SIGTERM (a spot reclaim, `docker stop`, `fashion-gan stop`) for the whole job.
 
-    The handler only sets a flag. Lightning's own SIGTERM handler, which the Trainer chains with this
-    one during `fit`, only acts at the end of an epoch, and this job's epochs never end.
+    The handler only sets a flag. During `fit` it also replaces Lightning's SIGTERM handler, whose flag
+    makes the fit loop raise SIGTERMException (a SystemExit) without a checkpoint.
     """
 
     def __init__(self) -> None:
@@ -28,6 +28,11 @@ class PreemptionSignal:
         if threading.current_thread() is not threading.main_thread():
             return
         self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def take_over_from_lightning(self) -> None:
+        """Replace the handler the Trainer registered at the start of `fit` (it restores it at teardown)."""
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._handle)
 
     def uninstall(self) -> None:
         if self._previous is not None:
@@ -53,6 +58,9 @@ class PreemptionCallback(pl.Callback):
         self.preemption = preemption
         self.checkpoints = checkpoints
         self.stopped_at_step: int | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.preemption.take_over_from_lightning()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
         requested = self.preemption.received.is_set()

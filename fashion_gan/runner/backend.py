@@ -181,6 +181,13 @@ class Backend(ABC):
     def stop(self, job_id: str, grace_period_s: float = 30.0) -> None:
         """Ask the job to stop (SIGTERM or the platform's equivalent), forcing it after the grace period."""
 
+    def restart(self, job_id: str) -> None:
+        """Run a finished job again under the same id, so training resumes from its latest checkpoint."""
+        raise RunnerError(
+            f"The {self.name} backend cannot restart job {job_id}. Submit a new job with "
+            f"`fashion-gan run -- run.id={job_id}` to resume the same run."
+        )
+
     def outputs(self, job_id: str, dest_dir: Path) -> Path:
         """Download `<output_uri>/runs/<job_id>/` into `dest_dir/<job_id>` and return that folder."""
         from fashion_gan.runner.jobs import load_record

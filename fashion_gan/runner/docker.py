@@ -6,7 +6,7 @@ id and labelled `fashion-gan.job-id=<id>`. The container is kept after it exits,
 and logs stay readable; remove finished ones with `docker container prune --filter label=fashion-gan.job-id`.
 
 `max_runtime_s` is enforced inside the engine: the command runs under GNU `timeout`, which sends
-SIGTERM at the limit, SIGKILL `TIMEOUT_KILL_AFTER_S` later, and exits with 124. So the limit holds
+SIGTERM at the limit, SIGKILL `TIMEOUT_KILL_AFTER_S` later, and exits with 124. So the limit applies
 even when no client polls the job, but the image needs `timeout` (coreutils). As a backstop,
 `status()` stops a container that still runs past the recorded deadline plus that grace period.
 
@@ -33,6 +33,7 @@ import docker.errors
 import docker.types
 
 from fashion_gan.errors import ConfigError, RunnerError
+from fashion_gan.redaction import is_secret_name, redact_text, secret_values
 from fashion_gan.runner.backend import Backend, JobSpec, JobState, JobStatus, MachineSpec, resolve_environment
 from fashion_gan.runner.jobs import create_record, load_record, record_path, update_handle
 
@@ -47,9 +48,11 @@ TIMEOUT_EXIT_CODE = 124
 # Exit status of a process killed with SIGKILL (128 + 9).
 SIGKILL_EXIT_CODE = 137
 PREEMPTED_EXIT_CODE = 75
+# Engine states of a container whose process has started and not yet exited.
+_ACTIVE_CONTAINER_STATES = ("running", "paused", "restarting")
 FAILURE_LOG_LINES = 20
-# Build-argument names that look like credentials. They are rejected because the image stores build arguments.
-_SECRET_NAME_PATTERN = re.compile(r"KEY|SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
+# Shorter pass-through values are not masked in failure reasons, because they would mask ordinary words.
+MIN_REDACTED_LENGTH = 6
 _OPTION_TYPES: dict[str, type] = {
     "build": bool,
     "build_args": dict,
@@ -68,7 +71,8 @@ class DockerBackend(Backend):
     Options (the `docker:` block of floyd.yml):
       build: rebuild the image from the Dockerfile even if it exists (default false). Without it,
         a missing image is built when the context has a Dockerfile and pulled otherwise.
-      context: build context folder (default: the current folder).
+      context: build context folder (default: the current folder). In floyd.yml a relative path
+        is relative to the folder of floyd.yml.
       dockerfile: Dockerfile path inside the context (default "Dockerfile").
       build_args: build arguments, which must not be secrets because the image stores them.
       host: engine URL such as ssh://user@gpu-box or tcp://host:2376 (default: DOCKER_HOST).
@@ -103,9 +107,10 @@ class DockerBackend(Backend):
             else:
                 client = docker.from_env(use_ssh_client=use_ssh_client)
             client.ping()
-        except docker.errors.DockerException as err:
+        except _connection_errors() as err:
             # The Docker SDK 7.2 imports paramiko for every ssh:// engine, also with use_ssh_client.
-            ssh_hint = " ssh:// engines need the paramiko package (pip install paramiko)." if "paramiko" in str(err) else ""
+            ssh_hint = (" ssh:// engines need the paramiko package, a pinned dependency of fashion-gan; reinstall "
+                        "fashion-gan to get it." if "paramiko" in str(err) else "")
             raise RunnerError(
                 f"cannot reach the Docker engine at {self.engine_address}: {err}.{ssh_hint} Start the engine "
                 "(scripts/start-dockerd.sh on this machine) or point DOCKER_HOST or the docker `host` option at one"
@@ -207,6 +212,26 @@ class DockerBackend(Backend):
 
         if not record_path(self.jobs_dir, spec.job_id).exists():
             create_record(self.jobs_dir, spec, self.name)
+        self._run_container(spec, image)
+
+    def restart(self, job_id: str) -> None:
+        """Run a finished job again in a new container with the same job id and container name.
+
+        The stored spec is reused, so the command keeps `run.id=<job id>` and train.py resumes the run
+        from its latest checkpoint. The image is the one the spec's tag names now, and pass-through
+        variables are read from this shell again. The old container is removed first, with its logs.
+        """
+        record = load_record(self.jobs_dir, job_id)
+        spec = record.spec
+        self._remove_finished_container(job_id)
+        self.check_gpu_support(spec.machine)
+        image = self.ensure_image(spec.image)
+        create_record(self.jobs_dir, spec, self.name, replace=True)
+        log.info("restarting job %s in a new container", job_id)
+        self._run_container(spec, image)
+
+    def _run_container(self, spec: JobSpec, image: docker.models.images.Image) -> None:
+        """Start the job's container from `image` and store its handle in the job record."""
         entrypoint, command = _wrap_command(spec.command, spec.max_runtime_s)
         run_arguments: dict[str, Any] = {
             "image": image.id,
@@ -232,6 +257,8 @@ class DockerBackend(Backend):
         try:
             container = self.client().containers.run(**run_arguments)
         except docker.errors.DockerException as err:
+            # A container that was created but failed to start still contains the environment, secrets included.
+            self._remove_container_quietly(spec.job_id)
             update_handle(self.jobs_dir, spec.job_id, submit_error=str(err))
             raise RunnerError(f"starting the container of job {spec.job_id} on {self.engine_address} failed: {err}") from err
 
@@ -276,7 +303,7 @@ class DockerBackend(Backend):
         engine_status = container_state.get("Status")
         if engine_status == "created":
             return status
-        if engine_status in ("running", "paused", "restarting", "removing"):
+        if engine_status in (*_ACTIVE_CONTAINER_STATES, "removing"):
             status.state = JobState.RUNNING
             self._stop_if_past_deadline(job_id, handle, container)
             return status
@@ -284,7 +311,9 @@ class DockerBackend(Backend):
         exit_code = int(container_state.get("ExitCode", -1))
         state, reason = _classify_exit(exit_code, handle, record.spec.max_runtime_s, container_state)
         if state is JobState.FAILED:
-            reason = f"{reason}; last log lines:\n{self._log_tail(container)}"
+            # The reason is stored in the job record, so secrets the job printed are masked.
+            log_tail = redact_text(self._log_tail(container), _secret_values_for(record.spec))
+            reason = f"{reason}; last log lines:\n{log_tail}"
         status.state, status.failure_reason, status.exit_code = state, reason, exit_code
         final = {
             "state": state.value,
@@ -320,7 +349,7 @@ class DockerBackend(Backend):
             log.info("job %s has no container to stop", job_id)
             return
         container = self._container(job_id, record.handle)
-        if container.status not in ("created", "running", "paused", "restarting"):
+        if container.status not in ("created", *_ACTIVE_CONTAINER_STATES):
             log.info("job %s already finished (container %s)", job_id, container.status)
             return
         update_handle(self.jobs_dir, job_id, stop_requested=True)
@@ -344,6 +373,35 @@ class DockerBackend(Backend):
         except docker.errors.APIError as err:
             raise RunnerError(f"reading container of job {job_id} failed: {err}") from err
 
+    def _remove_finished_container(self, job_id: str) -> None:
+        """Remove the container named `job_id`, so a new one can take its name; reject a running one."""
+        try:
+            container = self.client().containers.get(job_id)
+        except docker.errors.NotFound:
+            return
+        except docker.errors.APIError as err:
+            raise RunnerError(f"reading container of job {job_id} failed: {err}") from err
+        if container.labels.get(JOB_ID_LABEL) != job_id:
+            raise RunnerError(
+                f"container {job_id} on {self.engine_address} is not labelled {JOB_ID_LABEL}={job_id}, so it "
+                "belongs to something else; rename or remove it, then restart the job"
+            )
+        if container.status in _ACTIVE_CONTAINER_STATES:
+            raise RunnerError(f"job {job_id} is still {container.status}; stop it first with `fashion-gan stop {job_id}`")
+        log.info("removing the %s container %s of job %s", container.status, container.short_id, job_id)
+        try:
+            container.remove()
+        except docker.errors.APIError as err:
+            raise RunnerError(f"removing container {container.short_id} of job {job_id} failed: {err}") from err
+
+    def _remove_container_quietly(self, name: str) -> None:
+        try:
+            self.client().containers.get(name).remove(force=True)
+        except docker.errors.NotFound:
+            return
+        except docker.errors.APIError as err:
+            log.warning("removing container %s after a failed start failed: %s", name, err)
+
     def _log_tail(self, container: docker.models.containers.Container) -> str:
         try:
             return container.logs(stdout=True, stderr=True, tail=FAILURE_LOG_LINES).decode("utf-8", "replace").rstrip()
@@ -366,17 +424,41 @@ class DockerBackend(Backend):
         container.stop(timeout=TIMEOUT_KILL_AFTER_S)
 
 
+def _connection_errors() -> tuple[type[Exception], ...]:
+    """Return the exceptions that connecting to an engine raises.
+
+    Besides DockerException, an ssh:// engine reached through paramiko raises paramiko's own errors:
+    NoValidConnectionsError (an OSError) for a refused connection and SSHException for a rejected
+    host key or failed authentication.
+    """
+    errors: tuple[type[Exception], ...] = (docker.errors.DockerException, OSError)
+    try:
+        import paramiko
+    except ImportError:
+        return errors
+    return (*errors, paramiko.SSHException)
+
+
 def _validate_options(options: dict[str, Any]) -> None:
     for key, value in options.items():
         expected = _OPTION_TYPES[key]
         if not isinstance(value, expected):
             raise ConfigError(f"invalid docker option {key}={value!r}: expected {expected.__name__}")
     for name in options.get("build_args", {}):
-        if _SECRET_NAME_PATTERN.search(str(name)):
+        # Rejected because the image stores its build arguments in its metadata.
+        if is_secret_name(str(name)):
             raise ConfigError(
                 f"invalid docker build argument {name!r}: build arguments are stored in the image, so they "
                 "must not carry secrets; list the variable under env_vars to pass it to the job at run time"
             )
+
+
+def _secret_values_for(spec: JobSpec) -> list[str]:
+    """Return the secret values of this shell plus the job's pass-through values, longest first."""
+    values = set(secret_values())
+    values.update(os.environ[name] for name in spec.env_passthrough
+                  if len(os.environ.get(name, "")) >= MIN_REDACTED_LENGTH)
+    return sorted(values, key=len, reverse=True)
 
 
 def _wrap_command(command: list[str], max_runtime_s: int | None) -> tuple[list[str], list[str]]:

@@ -100,10 +100,10 @@ def save_record(jobs_dir: Path, record: JobRecord) -> Path:
     return path
 
 
-def create_record(jobs_dir: Path, spec: JobSpec, backend: str) -> JobRecord:
-    """Store a new record for `spec`; raise RunnerError if a job with this id already exists."""
+def create_record(jobs_dir: Path, spec: JobSpec, backend: str, replace: bool = False) -> JobRecord:
+    """Store a new record for `spec`; raise RunnerError if a job with this id exists, unless `replace`."""
     path = record_path(jobs_dir, spec.job_id)
-    if path.exists():
+    if path.exists() and not replace:
         raise RunnerError(f"job {spec.job_id} already exists at {path}; submit with a new job id")
     record = JobRecord(spec=spec, backend=backend, created_at=utc_now())
     save_record(jobs_dir, record)

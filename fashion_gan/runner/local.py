@@ -46,10 +46,22 @@ class LocalBackend(Backend):
 
     def submit(self, spec: JobSpec) -> None:
         workdir = Path(self.options.get("workdir") or Path.cwd())
+        self._start(spec, workdir, restart=False)
+
+    def restart(self, job_id: str) -> None:
+        record = load_record(self.jobs_dir, job_id)
+        state = self.status(job_id).state
+        if state in (JobState.QUEUED, JobState.RUNNING):
+            raise RunnerError(f"Job {job_id} is {state.value}; stop it first with `fashion-gan stop {job_id}`.")
+        (job_work_dir(self.jobs_dir, job_id) / EXIT_FILE_NAME).unlink(missing_ok=True)
+        workdir = Path(record.handle.get("workdir") or self.options.get("workdir") or Path.cwd())
+        self._start(record.spec, workdir, restart=True)
+
+    def _start(self, spec: JobSpec, workdir: Path, restart: bool) -> None:
         if not workdir.is_dir():
             raise RunnerError(f"working folder {workdir} of local job {spec.job_id} not found; "
                               "fix `local: {workdir: …}` in floyd.yml")
-        record = create_record(self.jobs_dir, spec, self.name)
+        record = create_record(self.jobs_dir, spec, self.name, replace=restart)
         work_dir = job_work_dir(self.jobs_dir, spec.job_id)
         environment = {name: os.environ[name] for name in INHERITED_VARIABLES if name in os.environ}
         environment.update(resolve_environment(spec))

@@ -355,6 +355,8 @@ def resolve_job(config: FloydConfig, options: RunOptions, job_id: str,
     if backend == "local":
         workdir = backend_options.get("workdir", ".")
         backend_options["workdir"] = _resolve_local_path(str(workdir), config.base_dir)
+    if backend == "docker" and "context" in backend_options:
+        backend_options["context"] = _resolve_local_path(str(backend_options["context"]), config.base_dir)
 
     machine = parse_machine(values.get("machine", DEFAULT_MACHINE))
     inputs = _parse_inputs(values.get("input", []), "input")
