@@ -47,7 +47,7 @@ def sample_name(step: int) -> str:
 
 @dataclass
 class CheckpointPointer:
-    """Where the run's newest verified checkpoint is, relative to the run prefix."""
+    """Location of the run's newest verified checkpoint, relative to the run prefix."""
 
     key: str
     step: int

@@ -14,8 +14,8 @@ log = logging.getLogger(__name__)
 def choose_wandb_mode(config: TrainConfig) -> str:
     """Return "online", "offline" or "disabled".
 
-    WANDB_MODE always wins; then `logger.mode`; then online when WANDB_API_KEY is set, else offline,
-    so a job without an account still records its run files for `wandb sync` later.
+    WANDB_MODE always wins, then `logger.mode`. Otherwise the mode is online when WANDB_API_KEY is set
+    and offline when it is not, so a job without an account still records its files for `wandb sync`.
     """
     environment_mode = os.environ.get("WANDB_MODE")
     if environment_mode:

@@ -26,7 +26,7 @@ RUN_ID_ALPHABET = string.ascii_lowercase + string.digits
 
 @dataclass
 class TrainResult:
-    """What a finished (or stopped) job reports back to its caller."""
+    """The outcome of a finished or stopped job, returned to its caller."""
 
     run_id: str
     exit_code: int

@@ -10,6 +10,7 @@ the reason, when the machine cannot provide what it needs.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import subprocess
 import time
@@ -139,3 +140,17 @@ def ensure_project_image() -> str:
             if old_tag.startswith(f"{PROJECT_IMAGE_REPOSITORY}:{PROJECT_IMAGE_TAG_PREFIX}") and old_tag != tag:
                 client.images.remove(old_tag)
     return tag
+
+
+def remove_job_containers(jobs_dir: Path) -> None:
+    """Remove the containers of the docker jobs recorded in `jobs_dir` (test cleanup)."""
+    job_ids = []
+    for record_path in Path(jobs_dir).glob("fg-*.json"):
+        if json.loads(record_path.read_text()).get("backend") == "docker":
+            job_ids.append(record_path.stem)
+    client = _connect() if job_ids else None
+    if client is None:
+        return
+    for job_id in job_ids:
+        for container in client.containers.list(all=True, filters={"label": f"fashion-gan.job-id={job_id}"}):
+            container.remove(force=True)

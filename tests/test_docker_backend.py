@@ -107,6 +107,21 @@ def test_unreachable_ssh_engine_names_address(tmp_path: Path) -> None:
         backend.client()
 
 
+def test_unreachable_ssh_docker_host_through_paramiko(tmp_path: Path, monkeypatch) -> None:
+    pytest.importorskip("paramiko", reason="paramiko is a pinned dependency; reinstall the package")
+    address = f"ssh://nobody@127.0.0.1:{closed_local_port()}"
+    monkeypatch.setenv("DOCKER_HOST", address)
+    backend = DockerBackend({}, tmp_path)
+
+    with pytest.raises(RunnerError) as raised:
+        backend.client()
+
+    message = str(raised.value)
+    assert f"cannot reach the Docker engine at {address}" in message
+    assert "Unable to connect" in message
+    assert "needs the paramiko package" not in message
+
+
 def test_dockerignore_keeps_secrets_out(tmp_path: Path) -> None:
     """Apply .dockerignore with the Docker SDK's own matcher to a context full of things to keep out."""
     kept_out = [
@@ -238,6 +253,47 @@ def test_stop_sends_sigterm_then_stopped(engine, base_image, backend, job_ids) -
 
 @pytest.mark.docker
 @pytest.mark.slow
+def test_restart_replaces_finished_container(engine, base_image, backend, job_ids) -> None:
+    job_id = job_ids()
+    spec = make_spec(job_id, base_image, 'echo "run in $HOSTNAME"; exit 75')
+    backend.submit(spec)
+    assert wait_for_exit(engine, backend, job_id) == 75
+    assert backend.status(job_id).state is JobState.STOPPED
+    first_container_id = load_record(backend.jobs_dir, job_id).handle["container_id"]
+
+    backend.restart(job_id)
+
+    record = load_record(backend.jobs_dir, job_id)
+    assert record.spec == spec
+    assert record.handle["container_id"] != first_container_id
+    assert "final" not in record.handle
+    assert wait_for_exit(engine, backend, job_id) == 75
+    containers = engine.containers.list(all=True, filters={"label": f"{JOB_ID_LABEL}={job_id}"})
+    assert [container.id for container in containers] == [record.handle["container_id"]]
+    assert containers[0].name == job_id
+    status = backend.status(job_id)
+    assert status.state is JobState.STOPPED
+    assert status.exit_code == 75
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+def test_restart_of_running_job_rejected(engine, base_image, backend, job_ids) -> None:
+    job_id = job_ids()
+    script = 'trap "exit 75" TERM; echo ready; while :; do sleep 1 & wait $!; done'
+    backend.submit(make_spec(job_id, base_image, script))
+    next(line for line in backend.logs(job_id, follow=True) if line == "ready")
+
+    with pytest.raises(RunnerError, match=f"job {job_id} is still running; stop it first"):
+        backend.restart(job_id)
+    assert backend.status(job_id).state is JobState.RUNNING
+
+    backend.stop(job_id, grace_period_s=30)
+    assert backend.status(job_id).state is JobState.STOPPED
+
+
+@pytest.mark.docker
+@pytest.mark.slow
 def test_stop_under_max_runtime_limit(engine, base_image, backend, job_ids) -> None:
     # With max_runtime_s, GNU timeout is PID 1 and must pass docker stop's SIGTERM on to the job.
     job_id = job_ids()
@@ -329,8 +385,10 @@ def test_gpu_job_without_nvidia_runtime(engine, base_image, backend, job_ids) ->
 def test_secret_not_in_record_or_image(engine, base_image, tmp_path, job_ids, monkeypatch) -> None:
     """A pass-through secret reaches the job but no file or image layer.
 
-    The backend builds the image (it is missing and the context has a Dockerfile) while the secret
-    is set, then the whole image is read with `docker save` and searched, layers included.
+    The backend builds a small image from the base image (it is missing and the context has a
+    Dockerfile) while the secret is set, then the whole image is read with `docker save` and searched,
+    layers included. The lifecycle tests check the project image's metadata and history, the job
+    records and the run outputs of a real training job.
     """
     secret = f"fake-secret-{secrets.token_hex(16)}"
     monkeypatch.setenv("FASHION_GAN_FAKE_SECRET", secret)

@@ -1,15 +1,20 @@
 """Preemption, hard kills and divergence: what a run keeps, and how it resumes, against real processes."""
 
+import io
 import json
 import random
+import re
+import tarfile
 from pathlib import Path
 
 import boto3
+import docker
 import pytest
 import torch
 
 from conftest import s3_env
-from fashion_gan.runner.backend import JobSpec, JobState, get_backend, parse_machine
+from docker_helpers import ensure_project_image, remove_job_containers
+from fashion_gan.runner.backend import InputMount, JobSpec, JobState, get_backend, parse_machine
 from fashion_gan.runner.jobs import new_job_id
 from reliability_helpers import (
     TINY_JOB,
@@ -25,14 +30,17 @@ from reliability_helpers import (
     stop_process,
     wait_until,
 )
-from training_helpers import run_train
+from training_helpers import FASHION_MNIST_DIR, run_train
 from wandb_files import history_rows, run_files, run_info
 
 JOB_TIMEOUT_S = 600
 # Options of each backend that `submit_training_job` can use. The docker backend adds its entry.
 BACKEND_OPTIONS = {
     "local": lambda workdir: {"workdir": str(workdir)},
+    # An empty build context, so that submit() runs the existing project image and never builds one.
+    "docker": lambda workdir: {"context": str(workdir)},
 }
+_PROGRESS_LINE = re.compile(r"step (\d+)/\d+")
 
 
 def submit_training_job(backend_name: str, tmp_path: Path, run_id: str, arguments: list[str],
@@ -42,16 +50,48 @@ def submit_training_job(backend_name: str, tmp_path: Path, run_id: str, argument
     workdir.mkdir(exist_ok=True)
     backend = get_backend(backend_name, BACKEND_OPTIONS[backend_name](workdir), tmp_path / "jobs")
     job_id = new_job_id()
+    image, script, inputs = "fashion-gan:latest", str(TRAIN_SCRIPT), []
+    if backend_name == "docker":
+        # The image runs train.py from its WORKDIR. The backend bind-mounts an input with an absolute
+        # path read-only at the same path, where train.py looks for Fashion-MNIST by default.
+        image, script = ensure_project_image(), "train.py"
+        inputs = [InputMount(source=str(FASHION_MNIST_DIR), destination="data")]
     spec = JobSpec(
         job_id=job_id,
-        image="fashion-gan:latest",
-        command=["python", str(TRAIN_SCRIPT), *arguments, f"run.id={run_id}"],
+        image=image,
+        command=["python", script, *arguments, f"run.id={run_id}"],
         machine=parse_machine("cpu"),
         env={"FASHION_GAN_RUN_ID": run_id, "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true", **env},
         env_passthrough=sorted(s3_env("unused")),
+        inputs=inputs,
     )
     backend.submit(spec)
     return backend, job_id
+
+
+def wait_for_logged_step(backend, job_id: str, step: int) -> None:
+    """Follow the job's log until it reports training step `step` or later; fail if the job ends first."""
+    for line in backend.logs(job_id, follow=True):
+        match = _PROGRESS_LINE.search(line)
+        if match and int(match.group(1)) >= step:
+            return
+    pytest.fail(f"job {job_id} ended before step {step}: {backend.status(job_id).failure_reason}")
+
+
+def copy_from_containers(job_ids: list[str], folder: str, dest_dir: Path) -> None:
+    """Copy `folder` out of each job's container (exited ones too) into `dest_dir`, merging the copies."""
+    client = docker.from_env()
+    for job_id in job_ids:
+        chunks, _ = client.containers.get(job_id).get_archive(folder)
+        with tarfile.open(fileobj=io.BytesIO(b"".join(chunks))) as archive:
+            archive.extractall(dest_dir, filter="data")
+
+
+@pytest.fixture
+def job_containers_removed(tmp_path):
+    """Remove the containers of the test's docker jobs after the test."""
+    yield
+    remove_job_containers(tmp_path / "jobs")
 
 
 def checkpoint_from_bucket(client, bucket: str, key: str, tmp_path: Path) -> dict:
@@ -60,8 +100,8 @@ def checkpoint_from_bucket(client, bucket: str, key: str, tmp_path: Path) -> dic
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend_name", ["local"])
-def test_sigterm_stops_then_resumes_bitwise(backend_name, s3_bucket, tmp_path):
+@pytest.mark.parametrize("backend_name", ["local", pytest.param("docker", marks=pytest.mark.docker)])
+def test_sigterm_stops_then_resumes_bitwise(backend_name, s3_bucket, tmp_path, job_containers_removed):
     require_fashion_mnist()
     client = boto3.client("s3")
     cache_dir = tmp_path / "cache"
@@ -72,8 +112,12 @@ def test_sigterm_stops_then_resumes_bitwise(backend_name, s3_bucket, tmp_path):
     try:
         run_id = new_job_id()
         backend, first_job = submit_training_job(backend_name, tmp_path, run_id, [*common, "logger=wandb"], env)
-        wait_until(lambda: last_logged_step(cache_dir / "runs" / run_id / "metrics.csv") >= 150, JOB_TIMEOUT_S,
-                   "step 150 of the first job")
+        if backend_name == "docker":
+            # The container's staging folder is not visible here, so the job's log shows its progress.
+            wait_for_logged_step(backend, first_job, 150)
+        else:
+            wait_until(lambda: last_logged_step(cache_dir / "runs" / run_id / "metrics.csv") >= 150, JOB_TIMEOUT_S,
+                       "step 150 of the first job")
 
         backend.stop(first_job, grace_period_s=30)
 
@@ -115,7 +159,12 @@ def test_sigterm_stops_then_resumes_bitwise(backend_name, s3_bucket, tmp_path):
     metrics_text = client.get_object(Bucket=s3_bucket, Key=f"{prefix}/metrics.csv")["Body"].read().decode()
     assert metrics_csv_steps_from_text(metrics_text) == list(range(1, 301))
 
-    wandb_files = run_files(cache_dir / "runs" / run_id)
+    run_dir = cache_dir / "runs" / run_id
+    if backend_name == "docker":
+        # Each job staged its W&B files in its own container, at the FASHION_GAN_CACHE path.
+        copy_from_containers([first_job, second_job], str(run_dir), tmp_path / "from-containers")
+        run_dir = tmp_path / "from-containers" / run_id
+    wandb_files = run_files(run_dir)
     assert len(wandb_files) == 2
     assert [run_info(path)["id"] for path in wandb_files] == [run_id, run_id]
     metric_steps = [[row["trainer/global_step"] for row in history_rows(path) if "train/d_loss" in row]

@@ -20,7 +20,7 @@ import torch
 import yaml
 from PIL import Image
 
-from docker_helpers import ensure_project_image
+from docker_helpers import ensure_project_image, remove_job_containers
 from training_helpers import CLOTHING_DIR, PROJECT_DIR
 
 pytestmark = pytest.mark.slow
@@ -78,8 +78,9 @@ def job_environment(request, s3_bucket, tmp_path):
            "WANDB_MODE": "offline", "WANDB_SILENT": "true", FAKE_SECRET_NAME: secret}
     upload = cli(["data", "upload", str(photos), "--name", "clothing", "--storage", f"s3://{s3_bucket}/store"], env)
     assert upload.returncode == 0, upload.stderr
-    return {"env": env, "bucket": s3_bucket, "backend": backend, "image": image, "secret": secret,
-            "floyd": write_floyd_file(tmp_path / "floyd.yml", s3_bucket, backend, image), "tmp": tmp_path}
+    yield {"env": env, "bucket": s3_bucket, "backend": backend, "image": image, "secret": secret,
+           "floyd": write_floyd_file(tmp_path / "floyd.yml", s3_bucket, backend, image), "tmp": tmp_path}
+    remove_job_containers(tmp_path / "home" / "jobs")
 
 
 def submit(job_environment, *arguments: str) -> str:

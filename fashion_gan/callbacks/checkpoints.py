@@ -19,7 +19,7 @@ class CheckpointPushCallback(pl.Callback):
     """Save `checkpoints/step_NNNNNN.ckpt` every `every_n_steps` and at the end, and push each one.
 
     A checkpoint is saved to a temporary name and renamed, so a crash or a full disk never leaves a
-    partial file under a checkpoint's name; `last.ckpt` and the pointer in storage move only afterwards.
+    partial file under a checkpoint's name. `last.ckpt` and the pointer in storage move only afterwards.
     """
 
     def __init__(self, local_run_dir: Path, every_n_steps: int, pusher: OutputPusher) -> None:

@@ -30,8 +30,8 @@ class MetricsCallback(pl.Callback):
         self.max_steps = max_steps
         self.pusher = pusher
         self.write_csv = write_csv
-        # Loggers get every row at the job's global step, so metrics and sample images share one
-        # x-axis; the Trainer itself has no logger, because it would log at its own batch counter.
+        # Loggers get every row at the job's global step, so metrics and sample images share one x-axis.
+        # The Trainer itself has no logger, because it would log at its own batch counter.
         self.loggers = loggers or []
         self.train_seconds = 0.0
         self.steps_timed = 0
@@ -75,7 +75,7 @@ class MetricsCallback(pl.Callback):
         )
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
-        # Push the metrics file with every checkpoint, so storage holds the curves up to that step.
+        # Push the metrics file with every checkpoint, so storage contains the curves up to that step.
         if self.write_csv and trainer.is_global_zero and self.csv_path.exists():
             self.pusher.push(self.csv_path)
 

@@ -61,7 +61,7 @@ def _pull_prefix(config: TrainConfig, source: str, cache_dir: Path) -> PulledSou
         )
 
     # NOTE: a plain prefix has no manifest, so an object already in the cache is reused when its size
-    # matches; versioned datasets (dataset:NAME/N) verify the sha256 of every shard instead.
+    # matches. Versioned datasets (dataset:NAME/N) verify the sha256 of every shard instead.
     missing = [item for item in objects if not _cached_with_size(local_dir / item.key, item.size)]
     log.info("Pulling %s: %d objects, %d already cached in %s", source, len(objects), len(objects) - len(missing),
              local_dir)
