@@ -316,16 +316,65 @@ def metrics_train_features(
     typer.echo(f"{weights_path} (test accuracy {accuracy:.4f})")
 
 
+RunsStorageOption = Annotated[str | None, typer.Option(
+    "--storage", help="Output storage that contains runs/<id>/ (s3://bucket/prefix or a folder); "
+    "default $FASHION_GAN_STORAGE, else `output` of floyd.yml, else ./outputs.")]
+
+
 @runs_app.command("list")
-def runs_list() -> None:
-    """List training runs in the output storage (not implemented yet)."""
-    raise RunnerError("`fashion-gan runs list` is not implemented yet; use `fashion-gan status` for submitted jobs")
+def runs_list(storage: RunsStorageOption = None) -> None:
+    """List the runs in the output storage, newest first, with their final and best FID."""
+    from fashion_gan.runs import list_runs
+    from fashion_gan.storage import open_store
+
+    store = open_store(storage or _default_storage())
+    runs = list_runs(store)
+    if not runs:
+        console.print(f"no runs in {escape(store.describe('runs'))}; train one with `python train.py` or `fashion-gan run`",
+                      soft_wrap=True)
+        return
+    table = Table(title=escape(store.describe("runs")))
+    for column in ("id", "state", "experiment", "steps", "val/fid", "best val/fid", "images/s", "finished"):
+        table.add_column(column, no_wrap=True)
+    for record in runs:
+        summary = record.summary or {}
+        table.add_row(record.run_id, record.state, escape(str(record.config.get("run", {}).get("experiment", "-"))),
+                      _cell(summary.get("steps")), _cell(summary.get("val_fid")), _cell(summary.get("val_fid_best")),
+                      _cell(summary.get("images_per_s")), escape(str(summary.get("finished_at", "-"))))
+    print_table(table)
+
+
+def _cell(value) -> str:
+    from fashion_gan.runs import format_value
+
+    return escape(format_value(value))
 
 
 @runs_app.command("compare")
-def runs_compare(run_ids: Annotated[list[str], typer.Argument(help="Run ids to compare.")]) -> None:
-    """Compare the metrics of several runs (not implemented yet)."""
-    raise RunnerError("`fashion-gan runs compare` is not implemented yet; download runs with `fashion-gan output`")
+def runs_compare(
+    run_ids: Annotated[list[str], typer.Argument(help="Run ids to compare.")],
+    storage: RunsStorageOption = None,
+    plot: Annotated[Path | None, typer.Option(help="PNG file for the loss and FID curves of all runs.")] = None,
+    samples: Annotated[Path | None, typer.Option(
+        help="PNG file with each run's final sample grid side by side.")] = None,
+) -> None:
+    """Compare runs: the config keys that differ, final and best metrics, and throughput."""
+    from fashion_gan.runs import comparison_rows, compose_samples, load_run, plot_curves
+    from fashion_gan.storage import open_store
+
+    store = open_store(storage or _default_storage())
+    runs = [load_run(store, run_id) for run_id in dict.fromkeys(run_ids)]
+    table = Table(title=escape(store.describe("runs")))
+    table.add_column("", no_wrap=True)
+    for record in runs:
+        table.add_column(record.run_id, no_wrap=True)
+    for label, cells in comparison_rows(runs):
+        table.add_row(escape(label), *(escape(cell) for cell in cells))
+    print_table(table)
+    if plot is not None:
+        typer.echo(str(plot_curves(runs, plot)))
+    if samples is not None:
+        typer.echo(str(compose_samples(store, runs, samples)))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -108,8 +108,9 @@ class RunLock:
     """An exclusive lock on a run id in the output store, so two jobs never train the same run.
 
     The lock is `runs/<id>/lock.json`, created with an atomic put-if-absent. Its holder rewrites it every
-    20 s as a heartbeat. A lock is stale, and is taken over, when its process is gone (same host) or its
-    heartbeat is older than `stale_after_s` (another host, such as a preempted cloud machine).
+    20 s as a heartbeat. A lock is stale, and is taken over, when its process is gone (same host and pid
+    namespace; a pid now used by a process with another start time counts as gone) or its heartbeat is
+    older than `stale_after_s` (another host or container, such as a preempted cloud machine).
     """
 
     def __init__(self, store: ObjectStore, run_id: str, stale_after_s: float) -> None:
@@ -117,7 +118,8 @@ class RunLock:
         self.run_id = run_id
         self.key = f"{run_prefix(run_id)}/{LOCK_NAME}"
         self.stale_after_s = stale_after_s
-        self._owner = {"host": socket.gethostname(), "pid": os.getpid(), "token": os.urandom(8).hex()}
+        self._owner = {"host": socket.gethostname(), "pid": os.getpid(), "token": os.urandom(8).hex(),
+                       "pid_namespace": _pid_namespace(), "process_start": _process_start_ticks(os.getpid())}
         self._stop = threading.Event()
         self._heartbeat: Optional[threading.Thread] = None
         self.held = False
@@ -166,13 +168,12 @@ class RunLock:
             return None
 
     def _is_stale(self, holder: dict[str, Any]) -> bool:
-        if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
-            try:
-                os.kill(holder["pid"], 0)
-            except ProcessLookupError:
+        # A pid identifies the holder only in the same pid namespace: Docker job containers share the
+        # host name under host networking, but each numbers its processes from 1.
+        same_namespace = holder.get("pid_namespace") == self._owner["pid_namespace"]
+        if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int) and same_namespace:
+            if not _process_is_running(holder["pid"], holder.get("process_start")):
                 return True
-            except PermissionError:
-                return False
         return time.time() - float(holder.get("heartbeat", 0)) > self.stale_after_s
 
     def _start_heartbeat(self) -> None:
@@ -185,3 +186,34 @@ class RunLock:
 
         self._heartbeat = threading.Thread(target=beat, name=f"run-lock-{self.run_id}", daemon=True)
         self._heartbeat.start()
+
+
+def _pid_namespace() -> Optional[str]:
+    """Return this process's pid namespace, such as "pid:[4026531836]", or None without /proc."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def _process_start_ticks(pid: int) -> Optional[int]:
+    """Return the start time of process `pid` in clock ticks since boot (Linux), or None."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            text = handle.read()
+    except OSError:
+        return None
+    # Fields after the parenthesised command name start at field 3; starttime is field 22.
+    return int(text[text.rindex(")") + 2:].split()[19])
+
+
+def _process_is_running(pid: int, process_start: Optional[int]) -> bool:
+    """Return whether `pid` runs and, when `process_start` is known, is still the same process."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    current_start = _process_start_ticks(pid)
+    return process_start is None or current_start is None or current_start == process_start

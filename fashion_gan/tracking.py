@@ -1,7 +1,10 @@
 """Weights & Biases set-up: mode choice, run id, group, redacted config, and a start that never stalls."""
 
+import functools
 import logging
 import os
+import tempfile
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -56,7 +59,7 @@ def start_wandb_run(config: TrainConfig, config_dict: dict[str, Any], run_id: st
         entity=config.logger.entity,
         id=run_id,
         name=run_name,
-        group=config.logger.group or config.run.experiment,
+        group=wandb_group(config),
         job_type="train",
         tags=sorted(set(config.logger.tags) | set(tags)),
         config=flatten(redact(config_dict)),
@@ -79,13 +82,46 @@ def start_wandb_run(config: TrainConfig, config_dict: dict[str, Any], run_id: st
     return run
 
 
+def wandb_group(config: TrainConfig) -> str:
+    """Return the W&B group: `logger.group`, else "<experiment>-sweep-<start time>" in a Hydra multirun, else the experiment."""
+    if config.logger.group:
+        return config.logger.group
+    sweep_started = _multirun_started_at()
+    if sweep_started is not None:
+        return f"{config.run.experiment}-sweep-{sweep_started}"
+    return config.run.experiment
+
+
+def _multirun_started_at() -> Optional[str]:
+    """Return the start time of the Hydra multirun this job belongs to, or None outside a multirun."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+    except ImportError:
+        return None
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    return _first_call_time()
+
+
+@functools.cache
+def _first_call_time() -> str:
+    # NOTE: Hydra's basic launcher runs every job of a multirun in this one process, so all of them
+    # share the first job's time. A launcher with one process per job gets one group per job; pass
+    # logger.group=<name> there (as `make sweep` does).
+    return time.strftime("%Y%m%d-%H%M%S")
+
+
 def build_run_name(overrides: list[str], run_id: str) -> str:
     """Build a readable run name from Hydra overrides: "lr=0.0004,dropout=0.3 (fg-abc)"."""
-    interesting = [
-        override.split(".")[-1]
-        for override in overrides
-        if "=" in override and not override.split("=")[0].lstrip("+~").startswith(("run.", "hydra.", "data.source"))
-    ]
+    interesting = []
+    for override in overrides:
+        key, separator, value = override.partition("=")
+        key = key.lstrip("+~")
+        if not separator or key.startswith(("run.", "hydra.", "data.source")):
+            continue
+        # Only the key is shortened to its last part: "model.lr=0.0002" -> "lr=0.0002".
+        interesting.append(f"{key.split('.')[-1]}={value}")
     return f"{','.join(interesting)} ({run_id})" if interesting else run_id
 
 
@@ -95,3 +131,46 @@ def finish_wandb_run(run: Optional[Any], summary: dict[str, Any], exit_code: int
         return
     run.summary.update(redact(summary))
     run.finish(exit_code=exit_code)
+
+
+GENERATOR_ARTIFACT_FILE = "generator.pt"
+_GENERATOR_HPARAMS = ("latent_dim", "generator_features", "channels", "image_size")
+# Written always, null when unknown (a local folder has no dataset version).
+_ARTIFACT_DATASET_KEYS = ("dataset_source", "dataset_version", "dataset_digest")
+# Written when the run has them.
+_ARTIFACT_RESULT_KEYS = ("dataset_images", "steps", "val_fid", "val_fid_best", "val_class_coverage")
+
+
+def log_generator_artifact(run: Optional[Any], module, work_dir: Path, summary: dict[str, Any]):
+    """Log the final generator as a W&B artifact of type "model" named `generator-<run id>`.
+
+    The file contains the generator's `state_dict` (keys prefixed "generator.") and the hyperparameters
+    that rebuild it, so `fashion-gan generate --checkpoint generator.pt` loads it like a checkpoint.
+    The metadata names the dataset version and digest. In offline mode the artifact is recorded in
+    the run files and uploaded by `wandb sync`. Returns the artifact, or None without a W&B run.
+    """
+    if run is None:
+        return None
+    import torch
+    import wandb
+
+    generator = getattr(module.generator, "_orig_mod", module.generator)  # unwrap torch.compile
+    payload = {
+        "state_dict": {f"generator.{key}": value.detach().cpu() for key, value in generator.state_dict().items()},
+        "hyper_parameters": {name: module.hparams[name] for name in _GENERATOR_HPARAMS},
+    }
+    metadata = {key: summary.get(key) for key in _ARTIFACT_DATASET_KEYS}
+    metadata.update({key: summary[key] for key in _ARTIFACT_RESULT_KEYS if summary.get(key) is not None})
+    artifact = wandb.Artifact(f"generator-{run.id}", type="model", metadata=metadata,
+                              description="Final DCGAN generator weights (state_dict and hyperparameters).")
+    work_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=work_dir) as folder:
+        path = Path(folder) / GENERATOR_ARTIFACT_FILE
+        torch.save(payload, path)
+        # The default "mutable" policy copies the file into W&B's staging folder here, so the
+        # temporary file may go once add_file returns.
+        artifact.add_file(str(path), name=GENERATOR_ARTIFACT_FILE)
+    aliases = ["latest"] + ([f"step-{summary['steps']}"] if summary.get("steps") is not None else [])
+    run.log_artifact(artifact, aliases=aliases)
+    log.info("Logged the generator as W&B artifact %s (%s)", artifact.name, ", ".join(aliases))
+    return artifact

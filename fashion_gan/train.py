@@ -1,5 +1,6 @@
 """One training job: validate, pull, decode, resume, fit, push. `train.py` and the tests call `run`."""
 
+import hashlib
 import json
 import logging
 import os
@@ -16,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import fashion_gan
 from fashion_gan.config import TrainConfig, validate_config
-from fashion_gan.errors import ExitCode, FashionGanError, RunConflictError
+from fashion_gan.errors import ConfigError, ExitCode, FashionGanError, RunConflictError
 from fashion_gan.redaction import RedactingFilter, redact
 
 log = logging.getLogger(__name__)
@@ -53,11 +54,20 @@ def run(cfg: DictConfig | dict, overrides: Optional[list[str]] = None, original_
     """
     # 1. Validate everything before any network, disk or W&B side effect.
     config = validate_config(cfg, original_cwd=original_cwd)
-    run_id = config.run.id or os.environ.get("FASHION_GAN_RUN_ID") or new_run_id()
+    _apply_sagemaker_distributed_env(config)
+    run_id = config.run.id or os.environ.get("FASHION_GAN_RUN_ID") or _external_launch_run_id() or new_run_id()
     config.run.id = run_id
     config_dict = redact(asdict(config))
     cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else default_cache_dir()
+    # Lightning imports torchmetrics, which imports matplotlib when it is installed, and matplotlib
+    # writes its font cache and config folder into HOME unless MPLCONFIGDIR points elsewhere.
+    os.environ.setdefault("MPLCONFIGDIR", str(cache_dir / "matplotlib"))
     global_rank = _global_rank_from_environment()
+    # Processes that Lightning launches for more devices re-run train.py and inherit the environment:
+    # this gives them this process's run id (and so one run folder, one W&B run, one output prefix).
+    shares_run_id = _expected_world_size(config) > 1 and "FASHION_GAN_RUN_ID" not in os.environ
+    if shares_run_id:
+        os.environ["FASHION_GAN_RUN_ID"] = run_id
 
     from fashion_gan.storage import open_store
 
@@ -105,6 +115,8 @@ def run(cfg: DictConfig | dict, overrides: Optional[list[str]] = None, original_
             _finish(summary, started_at, local_run_dir, pusher, global_rank)
         raise
     finally:
+        if shares_run_id:
+            os.environ.pop("FASHION_GAN_RUN_ID", None)
         if lock is not None and lock.held:
             lock.release()
         if log_handler is not None:
@@ -112,6 +124,56 @@ def run(cfg: DictConfig | dict, overrides: Optional[list[str]] = None, original_
             log_handler.close()
     return TrainResult(run_id=run_id, exit_code=exit_code, local_run_dir=local_run_dir,
                        output_uri=config.run.output, summary=summary)
+
+
+def _apply_sagemaker_distributed_env(config: TrainConfig) -> None:
+    """Set MASTER_ADDR, MASTER_PORT, NODE_RANK and WORLD_SIZE from SM_HOSTS on a multi-instance SageMaker job.
+
+    Lightning's default cluster environment reads them and launches one process per device on
+    each node. Values already in the environment win. `trainer.num_nodes` follows the host count
+    when the config leaves it at 1.
+    """
+    if "SM_HOSTS" not in os.environ:
+        return
+    from fashion_gan.runner.distributed import sagemaker_distributed_env
+
+    values = sagemaker_distributed_env(os.environ)
+    if values is None:
+        return
+    for name in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "WORLD_SIZE"):
+        os.environ.setdefault(name, values[name])
+    host_count = int(values["NUM_NODES"])
+    if config.trainer.num_nodes == 1:
+        config.trainer.num_nodes = host_count
+    elif config.trainer.num_nodes != host_count:
+        raise ConfigError(
+            f"trainer.num_nodes={config.trainer.num_nodes} does not match the {host_count} SageMaker hosts in "
+            f"SM_HOSTS. Leave trainer.num_nodes at 1 or set it to {host_count}."
+        )
+
+
+def _external_launch_run_id() -> Optional[str]:
+    """Return a run id that every process of a torchrun launch derives alike, or None outside torchrun.
+
+    torchrun starts every process itself, so no process can hand its generated id to the others.
+    Raises ConfigError when several processes were launched without a shared rendezvous id.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "LOCAL_RANK" not in os.environ:
+        return None
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return None  # Lightning's own launcher: the first process passes FASHION_GAN_RUN_ID to the others
+    rendezvous_id = os.environ["TORCHELASTIC_RUN_ID"]
+    if rendezvous_id in ("", "none"):
+        raise ConfigError(
+            "run.id is not set, and the processes of this torchrun launch share no rendezvous id to derive one "
+            "from. Pass run.id=<id> (the same on every node), or use torchrun --standalone or --rdzv-id."
+        )
+    digest = int(hashlib.sha256(rendezvous_id.encode()).hexdigest(), 16)
+    characters = []
+    for _ in range(10):
+        digest, index = divmod(digest, len(RUN_ID_ALPHABET))
+        characters.append(RUN_ID_ALPHABET[index])
+    return "fg-" + "".join(characters)
 
 
 def _global_rank_from_environment() -> int:
@@ -296,19 +358,21 @@ def _fit(config: TrainConfig, config_dict: dict, run_id: str, decoded, source, l
     preemption = PreemptionSignal()
     checkpoints = CheckpointPushCallback(local_run_dir, config.run.checkpoint_every_n_steps, pusher)
     metrics = MetricsCallback(local_run_dir, config.trainer.log_every_n_steps,
-                              images_per_step=config.data.batch_size * _world_size(config), max_steps=config.trainer.max_steps,
+                              images_per_step=config.data.batch_size * _expected_world_size(config), max_steps=config.trainer.max_steps,
                               pusher=pusher, write_csv=config.logger.name != "none", loggers=loggers)
     preemption_callback = PreemptionCallback(preemption, checkpoints)
-    callbacks = [metrics, SampleGridCallback(local_run_dir, config.run.sample_every_n_steps, pusher,
-                                              real_images=decoded.array[: config.model.sample_count], loggers=loggers),
+    # Metric callbacks come first: they put val/* values into trainer.callback_metrics in the same
+    # on_train_batch_end in which MetricsCallback then writes the row of that step.
+    callbacks = [*_metric_callbacks(config, decoded, local_run_dir), metrics,
+                 SampleGridCallback(local_run_dir, config.run.sample_every_n_steps, pusher,
+                                    real_images=decoded.array[: config.model.sample_count], loggers=loggers),
                  checkpoints, preemption_callback]
-    callbacks.extend(_metric_callbacks(config, decoded, local_run_dir))
 
     trainer = pl.Trainer(
         accelerator=config.trainer.accelerator,
         devices=config.trainer.devices,
         num_nodes=config.trainer.num_nodes,
-        strategy=config.trainer.strategy,
+        strategy=_training_strategy(config),
         precision=precision,
         max_steps=config.trainer.max_steps,
         max_epochs=-1,
@@ -324,8 +388,10 @@ def _fit(config: TrainConfig, config_dict: dict, run_id: str, decoded, source, l
         use_distributed_sampler=False,
         default_root_dir=str(local_run_dir),
     )
-    log.info("Training %s to step %d on %s with precision %s", run_id, config.trainer.max_steps,
-             trainer.accelerator.__class__.__name__.replace("Accelerator", "").lower(), precision)
+    # Every process takes its own batch_size images per step (the data module shards by rank).
+    metrics.images_per_step = config.data.batch_size * trainer.world_size
+    log.info("Training %s to step %d on %s with precision %s, %d process(es)", run_id, config.trainer.max_steps,
+             trainer.accelerator.__class__.__name__.replace("Accelerator", "").lower(), precision, trainer.world_size)
 
     preemption.install()
     fit_started = time.perf_counter()
@@ -340,13 +406,13 @@ def _fit(config: TrainConfig, config_dict: dict, run_id: str, decoded, source, l
         preemption.uninstall()
         fit_seconds = time.perf_counter() - fit_started
         pusher_wait_s = preemption.seconds_left(config.run.grace_period_s) if preemption.received.is_set() else None
-        from fashion_gan.tracking import finish_wandb_run
+        from fashion_gan.tracking import finish_wandb_run, log_generator_artifact
 
         outcome = {
             "steps": int(trainer.global_step),
             "max_steps": config.trainer.max_steps,
             "resumed_from_step": _step_of(resume_from),
-            "images_seen": int(trainer.global_step) * config.data.batch_size * _world_size(config),
+            "images_seen": int(trainer.global_step) * config.data.batch_size * trainer.world_size,
             "train_wall_time_s": round(fit_seconds, 3),
             "images_per_s": metrics.images_per_s,
             "precision": precision,
@@ -356,6 +422,8 @@ def _fit(config: TrainConfig, config_dict: dict, run_id: str, decoded, source, l
         outcome.update(_metric_summary(metrics.last_values))
         summary.update(outcome)
         if trainer.is_global_zero:
+            if exit_code == ExitCode.SUCCESS and not outcome["preempted"]:
+                log_generator_artifact(wandb_run, module, local_run_dir, summary)
             finish_wandb_run(wandb_run, _wandb_summary(summary), exit_code=0 if exit_code in (0, 75) else exit_code)
         if pusher_wait_s is not None:
             pusher.wait(timeout_s=pusher_wait_s)
@@ -376,15 +444,39 @@ def _metric_summary(values: dict[str, float]) -> dict[str, Any]:
 
 def _wandb_summary(summary: dict[str, Any]) -> dict[str, Any]:
     keys = ("steps", "images_seen", "images_per_s", "train_wall_time_s", "dataset_digest", "dataset_source",
-            "skipped_files", "val_fid", "val_fid_best")
+            "dataset_version", "skipped_files", "val_fid", "val_fid_best", "val_class_coverage")
     return {key: summary[key] for key in keys if summary.get(key) is not None}
 
 
-def _world_size(config: TrainConfig) -> int:
+def _expected_world_size(config: TrainConfig) -> int:
+    """Return how many training processes the Trainer will run, before it is built.
+
+    WORLD_SIZE wins when a launcher set it; `trainer.devices=auto` counts the visible GPUs unless the
+    accelerator is the CPU, where Lightning uses one device.
+    """
     if "WORLD_SIZE" in os.environ:
         return int(os.environ["WORLD_SIZE"])
-    devices = config.trainer.devices if isinstance(config.trainer.devices, int) else 1
+    devices = config.trainer.devices
+    if not isinstance(devices, int):
+        devices = 1
+        if config.trainer.accelerator != "cpu":
+            import torch
+
+            devices = max(1, torch.cuda.device_count())
     return devices * config.trainer.num_nodes
+
+
+def _training_strategy(config: TrainConfig) -> str:
+    """Return the Lightning strategy: DDP that tolerates parameters without gradients when several processes train.
+
+    Each step runs two backward passes, and neither reaches every parameter: the D loss does not
+    reach G (its input is detached), and the G loss skips D (toggled off). Plain DDP expects every
+    parameter in each backward and raises, so find_unused_parameters is required.
+    """
+    strategy = config.trainer.strategy
+    if strategy == "ddp" or (strategy == "auto" and _expected_world_size(config) > 1):
+        return "ddp_find_unused_parameters_true"
+    return strategy
 
 
 def _step_of(checkpoint: Optional[Path]) -> Optional[int]:

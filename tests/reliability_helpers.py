@@ -26,14 +26,14 @@ def require_fashion_mnist() -> None:
         pytest.skip(f"Fashion-MNIST is not installed at {FASHION_MNIST_DIR} (apt-get install dataset-fashion-mnist)")
 
 
-def wait_until(condition, timeout_s: float, what: str, process: subprocess.Popen | None = None) -> None:
-    """Poll `condition` until it returns true; fail naming `what` after `timeout_s` or when `process` ends."""
+def wait_until(condition, timeout_s: float, description: str, process: subprocess.Popen | None = None) -> None:
+    """Poll `condition` until it returns true; fail with `description` after `timeout_s` or when `process` ends."""
     deadline = time.monotonic() + timeout_s
     while not condition():
         if process is not None and process.poll() is not None:
-            pytest.fail(f"the job exited with code {process.returncode} before {what}")
+            pytest.fail(f"the job exited with code {process.returncode} before {description}")
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
+            pytest.fail(f"timed out after {timeout_s} s waiting for {description}")
         time.sleep(POLL_INTERVAL_S)
 
 

@@ -5,7 +5,6 @@ may write only into its run folder (`out/`) and its cache folder (`cache/`).
 """
 
 import json
-import os
 import struct
 import subprocess
 import sys
@@ -19,8 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
-from reliability_helpers import TRAIN_SCRIPT, child_environment, wait_until
-from training_helpers import PROJECT_DIR, TINY_MODEL
+from reliability_helpers import TRAIN_SCRIPT, child_environment
+from training_helpers import TINY_MODEL
 
 JOB_TIMEOUT_S = 300
 # A tiny image-folder job: 16x16 grayscale, one or two steps.
@@ -278,7 +277,7 @@ def test_full_disk_keeps_previous_checkpoint(tmp_path):
     save_images(workspace.data / "images", count=20)
     arguments = [*folder_job(workspace, workspace.data / "images"), "trainer.max_steps=6",
                  "run.checkpoint_every_n_steps=2"]
-    # The checkpoint of this model is about 130 kB; the tmpfs holds one checkpoint but not a second.
+    # The checkpoint of this model is about 130 kB; the tmpfs has room for one checkpoint but not a second.
     checkpoint_dir = workspace.out / "runs/bad-input/checkpoints"
     mount_tmpfs(checkpoint_dir, size_bytes=200 * 1024)
     try:

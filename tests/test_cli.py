@@ -162,12 +162,6 @@ def test_status_without_jobs(home, capsys):
     assert "no jobs" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("command", [["runs", "list"], ["runs", "compare", "fg-aaaaaaaaaa"]])
-def test_runs_commands_not_implemented_yet(command, capsys):
-    assert run_cli(command) == ExitCode.RUNNER
-    assert "not implemented yet" in capsys.readouterr().err
-
-
 def test_data_upload_and_list_with_local_storage(tmp_path, capsys):
     from PIL import Image
 

@@ -1,10 +1,20 @@
 """Concurrent jobs on one bucket: separate run ids stay apart, and one run id has one trainer at a time."""
 
+import json
+import os
 import signal
 import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import boto3
 import pytest
+
+from fashion_gan.errors import RunConflictError
+from fashion_gan.run_outputs import RunLock, _pid_namespace, _process_start_ticks
+from fashion_gan.storage import open_store
 
 from reliability_helpers import (
     TINY_JOB,
@@ -92,3 +102,46 @@ def test_second_job_on_same_run_id_is_rejected(s3_bucket, tmp_path):
         stop_process(holder)
     assert f"jobs/runs/{run_id}/lock.json" not in bucket_keys(client, s3_bucket)
     assert read_bucket_json(client, s3_bucket, f"jobs/runs/{run_id}/summary.json")["state"] == "stopped"
+
+
+def write_forged_lock(store, run_id: str, **fields) -> None:
+    """Write a lock as another job would have, with a fresh heartbeat."""
+    holder = {"host": socket.gethostname(), "token": "forged", "heartbeat": time.time(), **fields}
+    store.write_bytes(f"runs/{run_id}/lock.json", json.dumps(holder).encode())
+
+
+needs_proc = pytest.mark.skipif(not Path("/proc/self/ns/pid").exists(), reason="needs Linux /proc pid namespaces")
+
+
+@needs_proc
+def test_lock_of_reused_pid_is_taken_over(tmp_path):
+    store = open_store(str(tmp_path / "out"))
+    # The holder's pid now belongs to another process (this one), which started at a different time.
+    write_forged_lock(store, "reused", pid=os.getpid(), pid_namespace=_pid_namespace(),
+                      process_start=_process_start_ticks(os.getpid()) - 1)
+    lock = RunLock(store, "reused", stale_after_s=120)
+
+    lock.acquire()
+
+    try:
+        assert lock.held
+        assert json.loads(store.read_bytes("runs/reused/lock.json"))["token"] != "forged"
+    finally:
+        lock.release()
+
+
+@needs_proc
+def test_lock_from_other_pid_namespace_is_kept(tmp_path):
+    store = open_store(str(tmp_path / "out"))
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    # A job container under host networking has this host name but its own pid numbering, so a pid that
+    # ended here says nothing about the holder: only its fresh heartbeat counts.
+    write_forged_lock(store, "container", pid=ended.pid, pid_namespace="pid:[1]", process_start=5)
+    lock = RunLock(store, "container", stale_after_s=120)
+
+    with pytest.raises(RunConflictError, match=f"pid {ended.pid}, heartbeat 0 s ago"):
+        lock.acquire()
+
+    assert not lock.held
+    assert json.loads(store.read_bytes("runs/container/lock.json"))["token"] == "forged"

@@ -91,8 +91,8 @@ class StepBatchStream(IterableDataset):
         # Fail here rather than at the first batch when the dataset cannot fill one global batch.
         self.batch_at(start_step)
 
-    def batch_at(self, step: int) -> torch.Tensor:
-        indices = batch_indices(
+    def indices_at(self, step: int) -> np.ndarray:
+        return batch_indices(
             step,
             seed=self.seed,
             num_items=len(self.array),
@@ -100,12 +100,20 @@ class StepBatchStream(IterableDataset):
             rank=self.rank,
             world_size=self.world_size,
         )
-        return torch.from_numpy(np.take(self.array, indices, axis=0))
+
+    def batch_at(self, step: int) -> torch.Tensor:
+        return torch.from_numpy(np.take(self.array, self.indices_at(step), axis=0))
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         step = self.start_step
+        # FASHION_GAN_LOG_LEVEL=DEBUG lists the images of every batch, e.g. to check the rank shards.
+        log_indices = log.isEnabledFor(logging.DEBUG)
         while True:
-            yield self.batch_at(step)
+            indices = self.indices_at(step)
+            if log_indices:
+                log.debug("rank %d of %d, step %d: image indices %s", self.rank, self.world_size, step,
+                          ",".join(map(str, indices.tolist())))
+            yield torch.from_numpy(np.take(self.array, indices, axis=0))
             step += 1
 
 

@@ -296,10 +296,13 @@ def hydra_value(text: str) -> str:
 
 
 def build_command(base_command: str | list[str], job_id: str, output_uri: str,
-                  data_source: str | None, hydra_overrides: list[str], instance_count: int = 1) -> list[str]:
+                  data_source: str | None, hydra_overrides: list[str], instance_count: int = 1,
+                  tags: list[str] | None = None) -> list[str]:
     """Return the training command with the runner's Hydra overrides, then the user's, appended.
 
-    The user's overrides come last, so Hydra lets them replace the runner's values.
+    The user's overrides come last, so Hydra lets them replace the runner's values. The `tags` of
+    floyd.yml become `logger.tags=[...]`, the W&B tags of the run; a `logger.tags=` override on the
+    command line replaces them.
     """
     command = shlex.split(base_command) if isinstance(base_command, str) else [str(part) for part in base_command]
     if not command:
@@ -309,6 +312,8 @@ def build_command(base_command: str | list[str], job_id: str, output_uri: str,
         command.append(f"data.source={hydra_value(data_source)}")
     if instance_count > 1:
         command.append(f"trainer.num_nodes={instance_count}")
+    if tags:
+        command.append(f"logger.tags=[{','.join(hydra_value(str(tag)) for tag in tags)}]")
     return command + list(hydra_overrides)
 
 
@@ -373,11 +378,12 @@ def resolve_job(config: FloydConfig, options: RunOptions, job_id: str,
     _positive(shm_size_gb, "shm_size_gb")
     _positive(instance_count, "instance_count")
 
+    tags = [str(tag) for tag in values.get("tags", [])]
     spec = JobSpec(
         job_id=job_id,
         image=values.get("env", DEFAULT_IMAGE),
         command=build_command(values.get("command", DEFAULT_COMMAND), job_id, output_uri, data_source,
-                              options.hydra_overrides, instance_count),
+                              options.hydra_overrides, instance_count, tags),
         machine=machine,
         env={"FASHION_GAN_RUN_ID": job_id, "PYTHONUNBUFFERED": "1"},
         env_passthrough=list(dict.fromkeys(values.get("env_vars", []))),
@@ -389,6 +395,6 @@ def resolve_job(config: FloydConfig, options: RunOptions, job_id: str,
         shm_size_gb=shm_size_gb,
         instance_count=instance_count,
         backend_options=backend_options,
-        tags=[str(tag) for tag in values.get("tags", [])],
+        tags=tags,
     )
     return ResolvedJob(backend=backend, spec=spec)

@@ -1,0 +1,75 @@
+"""Child process of the input-pipeline benchmark: images/s delivered to the step, no training.
+
+  project     DecodedArrayDataModule's loader over the decoded uint8 array, plus what the step
+              does to a batch before the networks see it: float in [-1, 1], flip, channels_last
+  reference   the classic DataLoader (ImageFolder, JPEG decoding and transforms in worker processes)
+
+Each repeat builds a fresh loader, takes one batch as warm-up (worker start-up for the reference),
+then times the next `batches` batches. The reference stays within its first epoch.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+
+from benchmarks.common import BenchSettings, child_parser, write_result
+
+PROJECT_BATCHES = 400
+
+
+def project_rate(settings: BenchSettings, decoded, batches: int) -> float:
+    from fashion_gan.data.datamodule import DecodedArrayDataModule
+
+    datamodule = DecodedArrayDataModule(decoded, batch_size=settings.batch_size, seed=settings.seed)
+    iterator = iter(datamodule.train_dataloader())
+    generator = torch.Generator().manual_seed(settings.seed)
+    next(iterator)
+    started = time.perf_counter()
+    for _ in range(batches):
+        batch = next(iterator)
+        real = batch.float().div_(127.5).sub_(1.0)
+        flip = torch.rand(real.shape[0], generator=generator) < 0.5
+        real = torch.where(flip[:, None, None, None], real.flip(-1), real)
+        real = real.contiguous(memory_format=torch.channels_last)
+    return batches * settings.batch_size / (time.perf_counter() - started)
+
+
+def reference_rate(settings: BenchSettings, batches: int) -> float:
+    from benchmarks.reference import build_loader
+
+    loader = build_loader(settings)
+    iterator = iter(loader)
+    next(iterator)
+    started = time.perf_counter()
+    for _ in range(batches):
+        images, _ = next(iterator)
+    rate = batches * settings.batch_size / (time.perf_counter() - started)
+    del iterator, loader  # stops the worker processes
+    return rate
+
+
+def main(argv: list[str]) -> None:
+    arguments = child_parser(__doc__.splitlines()[0]).parse_args(argv)
+    settings = BenchSettings.from_json(arguments.settings)
+    from pathlib import Path
+
+    from fashion_gan.data.cache import load_decoded_array
+
+    decoded = load_decoded_array(settings.data_dir, kind="image_folder", channels=settings.channels,
+                                 image_size=settings.image_size, cache_dir=Path(settings.work_dir) / "cache" / "decoded",
+                                 show_progress=False)
+    # One epoch minus the warm-up batch, so the reference never waits for a new epoch's workers.
+    reference_batches = max(1, len(decoded.array) // settings.batch_size - 1)
+    project, reference = [], []
+    for _ in range(settings.repeats):
+        project.append(project_rate(settings, decoded, PROJECT_BATCHES))
+        reference.append(reference_rate(settings, reference_batches))
+    write_result(arguments.result, {"project": project, "reference": reference,
+                                    "project_batches": PROJECT_BATCHES, "reference_batches": reference_batches})
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

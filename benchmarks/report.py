@@ -1,0 +1,215 @@
+"""Render the benchmark results as Markdown (benchmarks/RESULTS.md)."""
+
+from __future__ import annotations
+
+from benchmarks.training import PUSH_EVERY_N_STEPS
+
+# Targets on a 2-core CPU: (description, comparison, threshold).
+TARGETS = {
+    "training_default": ("end-to-end, default settings vs reference", ">=", 2.0),
+    "training_fp32": ("end-to-end, fp32 vs reference", ">=", 1.15),
+    "pipeline": ("input pipeline vs reference DataLoader", ">=", 50.0),
+    "pull_vs_sync": ("first dataset pull, times faster than `aws s3 sync`", ">=", 5.0),
+    "cached_pull_s": ("cached re-pull, seconds", "<", 1.0),
+    "upload_overhead_pct": (f"upload overhead with pushes every {PUSH_EVERY_N_STEPS} steps, %", "<=", 3.0),
+    "framework_overhead_pct": ("framework overhead of the Lightning module, %", "<=", 5.0),
+    "startup_s": ("start-up to the first optimizer step, seconds", "<=", 15.0),
+}
+
+
+def render(context: dict, results: dict, quick: bool) -> str:
+    lines = ["# Benchmark results", ""]
+    if quick:
+        lines += ["**Quick run with tiny settings (`--quick`): these figures only show that the harness works.**", ""]
+    lines += _context_lines(context)
+    figures: dict[str, float] = {}
+    sections = {
+        "training": _training_lines,
+        "pipeline": _pipeline_lines,
+        "pull": _pull_lines,
+        "upload": _upload_lines,
+        "framework": _framework_lines,
+        "startup": _startup_lines,
+    }
+    body: list[str] = []
+    for name, render_section in sections.items():
+        if name in results:
+            body += render_section(results[name], context, figures)
+    lines += _acceptance_lines(figures)
+    lines += body
+    lines += _gpu_lines()
+    return "\n".join(lines) + "\n"
+
+
+def _context_lines(context: dict) -> list[str]:
+    machine = context["machine"]
+    settings = context["settings"]
+    decoded = context.get("decoded", {})
+    return [
+        f"- Date: {context['started']}; harness wall time {context['duration_s'] / 60:.1f} min",
+        f"- Command: `{context['command'].strip()}` (`make bench` runs `python -m benchmarks.run`)",
+        f"- Machine: {machine['cpu']}, {machine['logical_cpus']} logical CPUs, {machine['memory_gb']} GB RAM, "
+        f"bf16 CPU features: {', '.join(machine['cpu_bf16']) or 'none'}; GPU: {machine['cuda']}",
+        f"- Software: {machine['os']}, Python {machine['python']}, torch {machine['torch']} "
+        f"({machine['torch_threads']} intra-op threads, {machine['torch_interop_threads']} inter-op threads by default), "
+        f"pytorch_lightning {machine.get('lightning', '?')}; commit {machine['git_commit']}",
+        f"- Load average (1, 5, 15 min) before: {context['load_before']}; after: {context['load_after']}",
+        f"- Workload: {settings.channels}x{settings.image_size}x{settings.image_size} photos from `{settings.data_dir}` "
+        f"({decoded.get('images', '?')} images), batch {settings.batch_size}, generator/discriminator features "
+        f"{settings.generator_features}/{settings.discriminator_features}, latent {settings.latent_dim}, dropout "
+        f"{settings.dropout}, label smoothing {settings.label_smoothing}, Adam lr {settings.lr} betas "
+        f"({settings.beta1}, {settings.beta2})",
+        f"- Training figures: images/s over {settings.measure_steps} steps after {settings.warmup_steps} warm-up steps, "
+        f"each run in a fresh process, {settings.repeats} repeats with the variants alternating; "
+        "\"spread\" is (max - min) / median",
+        f"- One-time decoded-array cache build for these photos: {decoded.get('build_s', float('nan')):.1f} s "
+        "(excluded from the training figures; later runs reuse the cache)",
+        "",
+    ]
+
+
+def _rate_row(name: str, summary: dict, unit: str, reference: float | None = None) -> str:
+    ratio = f"{summary['median'] / reference:.2f}x" if reference else "1.00x" if reference is None else ""
+    return (f"| {name} | {summary['median']:.1f} {unit} | {summary['min']:.1f} - {summary['max']:.1f} "
+            f"({summary['spread_pct']:.0f} %) | {ratio} |")
+
+
+def _table_header(first: str) -> list[str]:
+    return [f"| {first} | median | min - max (spread) | ratio to reference |", "| --- | --- | --- | --- |"]
+
+
+def _training_lines(result: dict, context: dict, figures: dict) -> list[str]:
+    rates = result["rates"]
+    reference = rates["reference"]["median"]
+    figures["training_default"] = rates["project"]["median"] / reference
+    figures["training_fp32"] = rates["project-fp32"]["median"] / reference
+    precision = result["extras"]["project"][0]["precision"]
+    lines = ["## End-to-end training throughput", "",
+             "Data loading included. Reference: the classic recipe in benchmarks/reference.py (float32, "
+             f"{context['settings'].reference_workers} DataLoader workers decoding JPEGs every epoch). Project: "
+             f"`fashion_gan.train.run` with the default trainer settings (precision auto = {precision}, "
+             "channels_last, no loader workers) and `logger=csv`.", ""]
+    lines += _table_header("variant")
+    lines.append(_rate_row("reference (classic recipe)", rates["reference"], "images/s", None))
+    lines.append(_rate_row(f"project, defaults ({precision})", rates["project"], "images/s", reference))
+    lines.append(_rate_row("project, trainer.precision=32-true", rates["project-fp32"], "images/s", reference))
+    lines += ["", "| variant | process start to first step (median) | peak RSS (median) |", "| --- | --- | --- |"]
+    for variant, label in (("reference", "reference"), ("project", "project, defaults"),
+                           ("project-fp32", "project, fp32")):
+        extras = result["extras"][variant]
+        to_first = sorted(item["to_first_step_s"] for item in extras)[len(extras) // 2]
+        rss = sorted(item["peak_rss_mb"] for item in extras)[len(extras) // 2]
+        lines.append(f"| {label} | {to_first:.1f} s | {rss:.0f} MB |")
+    lines += ["", "The reference's peak RSS is its main process only; each of its DataLoader workers is a "
+              "further process.", ""]
+    return lines
+
+
+def _pipeline_lines(result: dict, context: dict, figures: dict) -> list[str]:
+    reference = result["reference"]["median"]
+    figures["pipeline"] = result["project"]["median"] / reference
+    lines = ["## Input pipeline throughput", "",
+             f"Images/s delivered to the training step, no training. Project: {result['project_batches']} batches "
+             "from the decoded uint8 array (DecodedArrayDataModule) including the step's conversion to float, "
+             f"flip and channels_last. Reference: {result['reference_batches']} batches of its DataLoader after "
+             "the first batch.", ""]
+    lines += _table_header("loader")
+    lines.append(_rate_row("reference DataLoader", result["reference"], "images/s", None))
+    lines.append(_rate_row("decoded-array loader", result["project"], "images/s", reference))
+    return lines + [""]
+
+
+def _pull_lines(result: dict, context: dict, figures: dict) -> list[str]:
+    timings = result["timings"]
+    first = timings["dataset_first_pull"]["median"]
+    if "aws_s3_sync" in timings:
+        figures["pull_vs_sync"] = timings["aws_s3_sync"]["median"] / first
+    figures["cached_pull_s"] = timings["dataset_cached_pull"]["median"]
+    labels = {
+        "dataset_first_pull": "project: versioned dataset, first pull (`dataset:NAME/N`)",
+        "dataset_cached_pull": "project: versioned dataset, cached re-pull",
+        "prefix_pull": "project: plain prefix pull (`data.source=s3://...`), empty cache",
+        "boto3_one_by_one": "boto3 `download_file`, one object at a time",
+        "aws_s3_sync": f"`aws s3 sync` ({result.get('aws_cli') or 'not installed'})",
+    }
+    lines = ["## Dataset pull from the loopback S3 server", "",
+             f"{result['file_count']} photos on a moto server on 127.0.0.1, stored as a versioned dataset (tar "
+             "shards) and as one object per photo. Each pull starts from an empty folder except the cached "
+             f"re-pull. Files checked after the last repeat: {result['checked_counts']}.", "",
+             "| method | median | min - max (spread) | times slower than the first dataset pull |",
+             "| --- | --- | --- | --- |"]
+    for name, label in labels.items():
+        if name in timings:
+            summary = timings[name]
+            lines.append(f"| {label} | {summary['median']:.2f} s | {summary['min']:.2f} - {summary['max']:.2f} "
+                         f"({summary['spread_pct']:.0f} %) | {summary['median'] / first:.1f}x |")
+    if "aws_s3_sync" not in timings:
+        lines += ["", "The AWS CLI is not on PATH, so `aws s3 sync` was not measured."]
+    return lines + [""]
+
+
+def _upload_lines(result: dict, context: dict, figures: dict) -> list[str]:
+    rates = result["rates"]
+    overhead = 100.0 * (rates["no-pushes"]["median"] / rates["pushes"]["median"] - 1.0)
+    figures["upload_overhead_pct"] = overhead
+    lines = ["## Upload overhead", "",
+             f"The project writing its run to the moto S3 server, {result['measure_steps']} timed steps: with a "
+             f"checkpoint and a sample grid pushed every {PUSH_EVERY_N_STEPS} steps (uploads in background threads) "
+             "vs with no pushes during the timed steps.", "",
+             "| variant | median | min - max (spread) |", "| --- | --- | --- |"]
+    for variant in ("no-pushes", "pushes"):
+        summary = rates[variant]
+        lines.append(f"| {variant} | {summary['median']:.1f} images/s | {summary['min']:.1f} - {summary['max']:.1f} "
+                     f"({summary['spread_pct']:.0f} %) |")
+    lines += ["", f"Overhead: {overhead:.1f} % of the step time.", ""]
+    return lines
+
+
+def _framework_lines(result: dict, context: dict, figures: dict) -> list[str]:
+    rates = result["rates"]
+    overhead = 100.0 * (rates["plain"]["median"] / rates["lightning"]["median"] - 1.0)
+    figures["framework_overhead_pct"] = overhead
+    lines = ["## Framework overhead", "",
+             f"The same D and G updates ({result['precision']}, channels_last) on one fixed uint8 batch: "
+             "`pl.Trainer.fit` on the project's DCGAN module vs a plain PyTorch loop over its networks.", "",
+             "| variant | median | min - max (spread) |", "| --- | --- | --- |"]
+    for variant in ("plain", "lightning"):
+        summary = rates[variant]
+        lines.append(f"| {variant} | {summary['median']:.1f} images/s | {summary['min']:.1f} - {summary['max']:.1f} "
+                     f"({summary['spread_pct']:.0f} %) |")
+    lines += ["", f"Overhead: {overhead:.1f} % of the step time.", ""]
+    return lines
+
+
+def _startup_lines(result: dict, context: dict, figures: dict) -> list[str]:
+    figures["startup_s"] = result["to_first_step_s"]["median"]
+    imports = ", ".join(f"`import {name}` {seconds:.1f} s" for name, seconds in result["import_s"].items())
+    first, total, rss = result["to_first_step_s"], result["total_s"], result["peak_rss_mb"]
+    return ["## Start-up and memory", "",
+            "`python train.py experiment=fashion_photos ... trainer.max_steps=1` with a warm decoded-array cache.", "",
+            "| figure | median | min - max |", "| --- | --- | --- |",
+            f"| process start to end of first optimizer step | {first['median']:.1f} s | {first['min']:.1f} - {first['max']:.1f} |",
+            f"| whole process (incl. final checkpoint and sample grid) | {total['median']:.1f} s | {total['min']:.1f} - {total['max']:.1f} |",
+            f"| peak RSS | {rss['median']:.0f} MB | {rss['min']:.0f} - {rss['max']:.0f} |",
+            "", f"Fresh-interpreter import times: {imports}.", ""]
+
+
+def _acceptance_lines(figures: dict) -> list[str]:
+    lines = ["## Summary against the targets", "", "| figure | target | measured | result |", "| --- | --- | --- | --- |"]
+    for key, (description, comparison, threshold) in TARGETS.items():
+        if key not in figures:
+            lines.append(f"| {description} | {comparison} {threshold:g} | not measured | - |")
+            continue
+        value = figures[key]
+        passed = {">=": value >= threshold, "<=": value <= threshold, "<": value < threshold}[comparison]
+        unit = "x" if key in ("training_default", "training_fp32", "pipeline", "pull_vs_sync") else ""
+        lines.append(f"| {description} | {comparison} {threshold:g}{unit} | {value:.2f}{unit} | "
+                     f"{'pass' if passed else 'FAIL'} |")
+    return lines + [""]
+
+
+def _gpu_lines() -> list[str]:
+    return ["## GPU", "",
+            "`bash benchmarks/gpu_check.sh` trains 200 steps at 64x64, batch 128, bf16-mixed on a CUDA machine and "
+            "prints images/s for the project and the reference and the peak GPU memory. No figures here: the "
+            "machine these results come from has no GPU.", ""]

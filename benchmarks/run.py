@@ -1,0 +1,213 @@
+"""Run every benchmark back to back and write benchmarks/RESULTS.md: `python -m benchmarks.run [--quick]`.
+
+Each timed run happens in a fresh process, and the two sides of a comparison alternate within a
+repeat, so slow drifts in machine load hit both. See benchmarks/RESULTS.md for the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks import report
+from benchmarks.common import BenchSettings, images_per_s, load_average, machine_facts, run_child, summarize
+
+log = logging.getLogger("benchmarks")
+
+ALL_BENCHMARKS = ("training", "pipeline", "pull", "upload", "framework", "startup")
+RESULTS_PATH = Path(__file__).resolve().parent / "RESULTS.md"
+QUICK_IMAGES_PER_CLASS = 8
+
+
+def parse_arguments(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default=",".join(ALL_BENCHMARKS),
+                        help=f"comma-separated benchmarks to run (default: all of {', '.join(ALL_BENCHMARKS)})")
+    parser.add_argument("--repeats", type=int, default=3, help="repetitions of every comparison")
+    parser.add_argument("--warmup-steps", type=int, default=3, help="training steps before timing starts")
+    parser.add_argument("--measure-steps", type=int, default=10, help="timed training steps per run")
+    parser.add_argument("--upload-steps", type=int, default=50,
+                        help="timed steps of the upload-overhead runs (pushes every 25 steps)")
+    parser.add_argument("--startup-repeats", type=int, default=3, help="runs of the start-up benchmark")
+    parser.add_argument("--data-dir", default=BenchSettings.data_dir, help="folder of photos (class subfolders)")
+    parser.add_argument("--work-dir", default="", help="scratch folder (default: a new temporary folder, removed after)")
+    parser.add_argument("--output", default=str(RESULTS_PATH), help="where to write the Markdown results")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny settings (32x32, 8 features, 2 steps, 1 repeat) to check the harness works")
+    return parser.parse_args(argv)
+
+
+def settings_from(arguments: argparse.Namespace, work_dir: Path) -> BenchSettings:
+    settings = BenchSettings(data_dir=arguments.data_dir, work_dir=str(work_dir), repeats=arguments.repeats,
+                             warmup_steps=arguments.warmup_steps, measure_steps=arguments.measure_steps)
+    if arguments.quick:
+        settings.image_size, settings.generator_features, settings.discriminator_features = 32, 8, 8
+        settings.batch_size, settings.latent_dim = 16, 16
+        settings.warmup_steps, settings.measure_steps, settings.repeats = 1, 2, 1
+        arguments.upload_steps, arguments.startup_repeats = 26, 1
+        settings.data_dir = str(copy_photo_subset(Path(arguments.data_dir), work_dir / "photos", QUICK_IMAGES_PER_CLASS))
+    return settings
+
+
+def copy_photo_subset(source_dir: Path, dest_dir: Path, per_class: int) -> Path:
+    """Copy the first `per_class` files of each class folder, so a quick run pulls and decodes little."""
+    for class_dir in sorted(path for path in source_dir.iterdir() if path.is_dir()):
+        (dest_dir / class_dir.name).mkdir(parents=True, exist_ok=True)
+        for path in sorted(class_dir.iterdir())[:per_class]:
+            shutil.copyfile(path, dest_dir / class_dir.name / path.name)
+    return dest_dir
+
+
+def prepare_decoded_array(settings: BenchSettings) -> dict:
+    """Build the decoded-array cache the project variants reuse; return how long the first build took."""
+    from fashion_gan.data.cache import load_decoded_array
+
+    started = time.perf_counter()
+    decoded = load_decoded_array(settings.data_dir, kind="image_folder", channels=settings.channels,
+                                 image_size=settings.image_size, cache_dir=Path(settings.work_dir) / "cache" / "decoded",
+                                 show_progress=False)
+    return {"images": int(len(decoded.array)), "build_s": time.perf_counter() - started,
+            "skipped": len(decoded.skipped_files)}
+
+
+def bench_training(settings: BenchSettings) -> dict:
+    """End-to-end images/s (data loading included) of the project's defaults, its fp32 run and the reference."""
+    variants = ("reference", "project", "project-fp32")
+    rates: dict[str, list[float]] = {variant: [] for variant in variants}
+    extras: dict[str, list[dict]] = {variant: [] for variant in variants}
+    for repeat in range(settings.repeats):
+        # Rotate the order, so no variant always runs first after the machine was idle.
+        order = variants[repeat % 3:] + variants[:repeat % 3]
+        for variant in order:
+            log.info("training: %s, repeat %d", variant, repeat + 1)
+            result = run_child("training", settings, variant)
+            rates[variant].append(images_per_s(result["step_end_times"], settings.warmup_steps, settings.batch_size))
+            extras[variant].append({"precision": result.get("precision"), "peak_rss_mb": result["peak_rss_mb"],
+                                    "to_first_step_s": result["first_step_wall"] - result["spawned_at"]})
+    return {"rates": {variant: summarize(values) for variant, values in rates.items()}, "extras": extras}
+
+
+def bench_pipeline(settings: BenchSettings) -> dict:
+    result = run_child("pipeline", settings)
+    return {"project": summarize(result["project"]), "reference": summarize(result["reference"]),
+            "project_batches": result["project_batches"], "reference_batches": result["reference_batches"]}
+
+
+def bench_pull(settings: BenchSettings, s3_env: dict[str, str]) -> dict:
+    result = run_child("pull", settings, env=s3_env)
+    result["timings"] = {name: summarize(values) for name, values in result["timings"].items() if values}
+    return result
+
+
+def bench_upload(settings: BenchSettings, s3_env: dict[str, str], measure_steps: int) -> dict:
+    from benchmarks.s3 import create_bucket
+
+    upload_settings = BenchSettings.from_json(settings.to_json())
+    upload_settings.measure_steps = measure_steps
+    bucket = "bench-upload"
+    create_bucket(s3_env["AWS_ENDPOINT_URL"], bucket)
+    env = {**s3_env, "BENCH_OUTPUT_URI": f"s3://{bucket}/jobs"}
+    rates: dict[str, list[float]] = {"no-pushes": [], "pushes": []}
+    for repeat in range(settings.repeats):
+        order = ("no-pushes", "pushes") if repeat % 2 == 0 else ("pushes", "no-pushes")
+        for variant in order:
+            log.info("upload: %s, repeat %d", variant, repeat + 1)
+            result = run_child("training", upload_settings, variant, env=env)
+            rates[variant].append(images_per_s(result["step_end_times"], settings.warmup_steps, settings.batch_size))
+    return {"rates": {variant: summarize(values) for variant, values in rates.items()},
+            "measure_steps": measure_steps}
+
+
+def bench_framework(settings: BenchSettings) -> dict:
+    rates: dict[str, list[float]] = {"plain": [], "lightning": []}
+    precision = None
+    for repeat in range(settings.repeats):
+        order = ("plain", "lightning") if repeat % 2 == 0 else ("lightning", "plain")
+        for variant in order:
+            log.info("framework: %s, repeat %d", variant, repeat + 1)
+            result = run_child("framework", settings, variant)
+            precision = result["precision"]
+            rates[variant].append(images_per_s(result["step_end_times"], settings.warmup_steps, settings.batch_size))
+    return {"rates": {variant: summarize(values) for variant, values in rates.items()}, "precision": precision}
+
+
+def bench_startup(settings: BenchSettings, repeats: int) -> dict:
+    from benchmarks.startup import import_times, measure_startup
+
+    runs = []
+    for repeat in range(repeats):
+        log.info("startup: repeat %d", repeat + 1)
+        runs.append(measure_startup(settings, repeat))
+    return {
+        "to_first_step_s": summarize([run["to_first_step_s"] for run in runs]),
+        "total_s": summarize([run["total_s"] for run in runs]),
+        "peak_rss_mb": summarize([run["peak_rss_mb"] for run in runs]),
+        "import_s": import_times(),
+    }
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    arguments = parse_arguments(argv)
+    selected = [name.strip() for name in arguments.only.split(",") if name.strip()]
+    unknown = sorted(set(selected) - set(ALL_BENCHMARKS))
+    if unknown:
+        log.error("unknown benchmark(s) %s; choose from %s", ", ".join(unknown), ", ".join(ALL_BENCHMARKS))
+        return 2
+    if not Path(arguments.data_dir).is_dir():
+        log.error("photo folder %s not found; pass --data-dir with a folder of class subfolders", arguments.data_dir)
+        return 2
+
+    work_dir = Path(arguments.work_dir) if arguments.work_dir else Path(tempfile.mkdtemp(prefix="fashion-gan-bench-"))
+    settings = settings_from(arguments, work_dir)
+    started = time.perf_counter()
+    context = {"command": "python -m benchmarks.run " + " ".join(argv), "load_before": load_average(),
+               "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine_facts(),
+               "settings": settings, "upload_steps": arguments.upload_steps}
+    results: dict[str, dict] = {}
+    try:
+        log.info("preparing the decoded-array cache in %s", work_dir)
+        context["decoded"] = prepare_decoded_array(settings)
+        s3_names = {"pull", "upload"} & set(selected)
+        moto = None
+        if s3_names:
+            from benchmarks.s3 import MotoServer, s3_environment
+
+            moto = MotoServer().__enter__()
+            s3_env = s3_environment(moto.endpoint)
+        try:
+            for name in selected:
+                log.info("running the %s benchmark", name)
+                if name == "training":
+                    results[name] = bench_training(settings)
+                elif name == "pipeline":
+                    results[name] = bench_pipeline(settings)
+                elif name == "pull":
+                    results[name] = bench_pull(settings, s3_env)
+                elif name == "upload":
+                    results[name] = bench_upload(settings, s3_env, arguments.upload_steps)
+                elif name == "framework":
+                    results[name] = bench_framework(settings)
+                elif name == "startup":
+                    results[name] = bench_startup(settings, arguments.startup_repeats)
+        finally:
+            if moto is not None:
+                moto.__exit__(None, None, None)
+    finally:
+        if not arguments.work_dir:
+            shutil.rmtree(work_dir, ignore_errors=True)
+    context["load_after"] = load_average()
+    context["duration_s"] = time.perf_counter() - started
+    text = report.render(context, results, quick=arguments.quick)
+    Path(arguments.output).write_text(text)
+    log.info("wrote %s after %.0f s", arguments.output, context["duration_s"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

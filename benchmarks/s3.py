@@ -1,0 +1,85 @@
+"""A moto S3 server on 127.0.0.1 for the storage benchmarks, started and stopped by the harness."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+START_TIMEOUT_S = 30.0
+_DIRECT_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # ignores *_proxy variables
+
+
+def s3_environment(endpoint: str) -> dict[str, str]:
+    """Return the variables that point boto3 and the AWS CLI at `endpoint` with fake credentials.
+
+    Instance metadata lookups are off and shared config files are ignored, so nothing but the
+    loopback server is contacted.
+    """
+    return {
+        "AWS_ACCESS_KEY_ID": "benchmark",
+        "AWS_SECRET_ACCESS_KEY": "benchmark",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+        "AWS_CONFIG_FILE": os.devnull,
+        "NO_PROXY": "127.0.0.1,localhost",
+        "no_proxy": "127.0.0.1,localhost",
+    }
+
+
+class MotoServer:
+    """`python -m moto.server` on a free loopback port; use as a context manager."""
+
+    def __init__(self) -> None:
+        self.process: subprocess.Popen | None = None
+        self.endpoint = ""
+
+    def __enter__(self) -> "MotoServer":
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        self.endpoint = f"http://127.0.0.1:{port}"
+        self.process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self._wait_until_answering()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def _wait_until_answering(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"moto server exited with code {self.process.returncode} before answering")
+            try:
+                with _DIRECT_OPENER.open(self.endpoint + "/", timeout=1):
+                    return
+            except urllib.error.HTTPError:
+                return  # any HTTP status means the server is up
+            except OSError:
+                time.sleep(0.1)  # poll interval while the server starts
+        raise RuntimeError(f"moto server did not answer at {self.endpoint} within {START_TIMEOUT_S} s")
+
+
+def create_bucket(endpoint: str, name: str) -> None:
+    import boto3
+
+    environment = s3_environment(endpoint)
+    client = boto3.client("s3", endpoint_url=endpoint, region_name=environment["AWS_DEFAULT_REGION"],
+                          aws_access_key_id=environment["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=environment["AWS_SECRET_ACCESS_KEY"])
+    client.create_bucket(Bucket=name)

@@ -1,0 +1,99 @@
+"""Child process of the training benchmarks: one timed training run of the project or the reference.
+
+Variants:
+  reference        the classic recipe (benchmarks/reference.py)
+  project          fashion_gan.train.run with the default settings (precision auto, channels_last)
+  project-fp32     the same with trainer.precision=32-true
+  pushes           the project writing to S3 with checkpoint and sample pushes every 25 steps
+  no-pushes        the project writing to S3 with no pushes during the measured steps
+
+The project runs through `fashion_gan.train.run`, the function train.py calls, on the decoded-array
+cache that the harness built beforehand. Step times come from a MetricsCallback subclass that
+records the time at the end of every step before doing the callback's usual work.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.common import PROJECT_DIR, BenchSettings, child_parser, write_result
+
+PUSH_EVERY_N_STEPS = 25
+NEVER = 10**9  # a step interval no benchmark run reaches
+
+
+def project_overrides(settings: BenchSettings, variant: str, run_id: str) -> list[str]:
+    """Return the Hydra overrides of one project variant; everything else keeps its default."""
+    steps = settings.warmup_steps + settings.measure_steps
+    work_dir = Path(settings.work_dir)
+    overrides = [
+        *settings.model_overrides(),
+        f"data.cache_dir={work_dir / 'cache'}",
+        "logger=csv",  # the default is W&B; csv keeps a service process out of the measurement
+        f"run.id={run_id}",
+        f"trainer.max_steps={steps}",
+    ]
+    if variant in ("pushes", "no-pushes"):
+        every = PUSH_EVERY_N_STEPS if variant == "pushes" else NEVER
+        overrides += ["storage=s3", f"run.output={os.environ['BENCH_OUTPUT_URI']}",
+                      f"run.checkpoint_every_n_steps={every}", f"run.sample_every_n_steps={every}"]
+    else:
+        overrides += [f"run.output={work_dir / 'outputs'}", f"run.checkpoint_every_n_steps={NEVER}",
+                      f"run.sample_every_n_steps={NEVER}"]
+    if variant == "project-fp32":
+        overrides.append("trainer.precision=32-true")
+    return overrides
+
+
+def train_project(settings: BenchSettings, variant: str) -> dict:
+    """Run fashion_gan.train.run once and return the step end times and the resolved settings."""
+    from hydra import compose, initialize_config_dir
+
+    import fashion_gan.callbacks.metrics as metrics_module
+    from fashion_gan.train import run
+
+    step_end_times: list[float] = []
+    first_step_wall: list[float] = []
+
+    class TimedMetricsCallback(metrics_module.MetricsCallback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            step_end_times.append(time.perf_counter())
+            if not first_step_wall:
+                first_step_wall.append(time.time())
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    # _fit imports MetricsCallback from its module when it runs, so it picks up the subclass.
+    metrics_module.MetricsCallback = TimedMetricsCallback
+    run_id = f"bench-{variant}-{os.getpid()}"
+    with initialize_config_dir(config_dir=str(PROJECT_DIR / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=project_overrides(settings, variant, run_id))
+    result = run(cfg)
+    return {
+        "step_end_times": step_end_times,
+        "first_step_wall": first_step_wall[0] if first_step_wall else None,
+        "precision": result.summary.get("precision"),
+        "final_losses": result.summary.get("final_losses"),
+    }
+
+
+def main(argv: list[str]) -> None:
+    arguments = child_parser(__doc__.splitlines()[0]).parse_args(argv)
+    settings = BenchSettings.from_json(arguments.settings)
+    import torch
+
+    if arguments.variant == "reference":
+        from benchmarks.reference import train
+
+        result = train(settings, settings.warmup_steps + settings.measure_steps)
+        result["precision"] = "32-true"
+    else:
+        result = train_project(settings, arguments.variant)
+    result["torch_threads"] = torch.get_num_threads()
+    write_result(arguments.result, result)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
