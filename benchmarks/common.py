@@ -37,6 +37,7 @@ class BenchSettings:
     beta2: float = 0.999
     seed: int = 42
     reference_workers: int = 2  # DataLoader worker processes of the classic recipe
+    device: str = "cpu"  # where the reference trains; the project picks its accelerator itself (auto)
     warmup_steps: int = 3
     measure_steps: int = 10
     repeats: int = 3

@@ -59,10 +59,11 @@ class ReferenceTrainer:
 
         torch.manual_seed(settings.seed)
         self.settings = settings
+        self.device = torch.device(settings.device)
         self.generator = Generator(settings.latent_dim, settings.generator_features, settings.channels,
-                                   settings.image_size)
+                                   settings.image_size).to(self.device)
         self.discriminator = Discriminator(settings.discriminator_features, settings.channels,
-                                           settings.image_size, settings.dropout)
+                                           settings.image_size, settings.dropout).to(self.device)
         betas = (settings.beta1, settings.beta2)
         self.generator_optimizer = torch.optim.Adam(self.generator.parameters(), lr=settings.lr, betas=betas)
         self.discriminator_optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=settings.lr,
@@ -70,7 +71,8 @@ class ReferenceTrainer:
 
     def step(self, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Train on one batch of images in [-1, 1]; return (d_loss, g_loss)."""
-        noise = torch.randn(real.shape[0], self.settings.latent_dim)
+        real = real.to(self.device)
+        noise = torch.randn(real.shape[0], self.settings.latent_dim, device=self.device)
         fake = self.generator(noise)
 
         # D: maximise log D(x) + log(1 - D(G(z))), with one-sided label smoothing on the real target.
@@ -103,6 +105,9 @@ def train(settings: BenchSettings, steps: int) -> dict:
     for _ in range(steps):
         real = next(batches)
         d_loss, g_loss = trainer.step(real)
+        if trainer.device.type == "cuda":
+            # The classic example reads the losses with .item() every step, which also waits for the GPU.
+            torch.cuda.synchronize(trainer.device)
         step_end_times.append(time.perf_counter())
         if first_step_wall is None:
             first_step_wall = time.time()

@@ -7,6 +7,7 @@ repeat, so slow drifts in machine load hit both. See benchmarks/RESULTS.md for t
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shutil
 import sys
@@ -16,10 +17,13 @@ from pathlib import Path
 
 from benchmarks import report
 from benchmarks.common import BenchSettings, images_per_s, load_average, machine_facts, run_child, summarize
+from benchmarks.fid_recipe import FID_RESULTS_PATH, FidSettings, bench_fid
 
 log = logging.getLogger("benchmarks")
 
-ALL_BENCHMARKS = ("training", "pipeline", "pull", "upload", "framework", "startup")
+ALL_BENCHMARKS = ("training", "pipeline", "pull", "upload", "framework", "startup", "fid")
+# Benchmarks that do not train on the photos of --data-dir.
+FASHION_MNIST_BENCHMARKS = frozenset({"fid"})
 RESULTS_PATH = Path(__file__).resolve().parent / "RESULTS.md"
 QUICK_IMAGES_PER_CLASS = 8
 
@@ -34,6 +38,11 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--upload-steps", type=int, default=50,
                         help="timed steps of the upload-overhead runs (pushes every 25 steps)")
     parser.add_argument("--startup-repeats", type=int, default=3, help="runs of the start-up benchmark")
+    parser.add_argument("--fid-steps", type=int, default=FidSettings.steps,
+                        help="training steps of each recipe in the fid benchmark")
+    parser.add_argument("--fid-seeds", default="42", help="comma-separated seeds of the fid benchmark, one run each")
+    parser.add_argument("--fid-samples", type=int, default=FidSettings.num_samples,
+                        help="generated (and real) images per FID score")
     parser.add_argument("--data-dir", default=BenchSettings.data_dir, help="folder of photos (class subfolders)")
     parser.add_argument("--work-dir", default="", help="scratch folder (default: a new temporary folder, removed after)")
     parser.add_argument("--output", default=str(RESULTS_PATH), help="where to write the Markdown results")
@@ -50,7 +59,10 @@ def settings_from(arguments: argparse.Namespace, work_dir: Path) -> BenchSetting
         settings.batch_size, settings.latent_dim = 16, 16
         settings.warmup_steps, settings.measure_steps, settings.repeats = 1, 2, 1
         arguments.upload_steps, arguments.startup_repeats = 26, 1
-        settings.data_dir = str(copy_photo_subset(Path(arguments.data_dir), work_dir / "photos", QUICK_IMAGES_PER_CLASS))
+        arguments.fid_steps, arguments.fid_samples = 2, 100
+        if Path(arguments.data_dir).is_dir():
+            settings.data_dir = str(copy_photo_subset(Path(arguments.data_dir), work_dir / "photos",
+                                                      QUICK_IMAGES_PER_CLASS))
     return settings
 
 
@@ -136,6 +148,18 @@ def bench_framework(settings: BenchSettings) -> dict:
     return {"rates": {variant: summarize(values) for variant, values in rates.items()}, "precision": precision}
 
 
+def bench_fid_recipe(arguments: argparse.Namespace, work_dir: Path, command: str) -> dict:
+    """Run benchmarks/fid_recipe.py and keep its figures in FID_RESULTS_PATH, unless this is a quick run."""
+    seeds = [int(seed) for seed in arguments.fid_seeds.split(",") if seed.strip()]
+    settings = FidSettings(steps=arguments.fid_steps, num_samples=arguments.fid_samples,
+                           work_dir=str(work_dir / "fid"))
+    result = bench_fid(settings, seeds)
+    result["context"]["command"] = command
+    if not arguments.quick:
+        FID_RESULTS_PATH.write_text(json.dumps(result, indent=1))
+    return result
+
+
 def bench_startup(settings: BenchSettings, repeats: int) -> dict:
     from benchmarks.startup import import_times, measure_startup
 
@@ -159,7 +183,8 @@ def main(argv: list[str]) -> int:
     if unknown:
         log.error("unknown benchmark(s) %s; choose from %s", ", ".join(unknown), ", ".join(ALL_BENCHMARKS))
         return 2
-    if not Path(arguments.data_dir).is_dir():
+    uses_photos = bool(set(selected) - FASHION_MNIST_BENCHMARKS)
+    if uses_photos and not Path(arguments.data_dir).is_dir():
         log.error("photo folder %s not found; pass --data-dir with a folder of class subfolders", arguments.data_dir)
         return 2
 
@@ -171,8 +196,9 @@ def main(argv: list[str]) -> int:
                "settings": settings, "upload_steps": arguments.upload_steps}
     results: dict[str, dict] = {}
     try:
-        log.info("preparing the decoded-array cache in %s", work_dir)
-        context["decoded"] = prepare_decoded_array(settings)
+        if uses_photos:
+            log.info("preparing the decoded-array cache in %s", work_dir)
+            context["decoded"] = prepare_decoded_array(settings)
         s3_names = {"pull", "upload"} & set(selected)
         moto = None
         if s3_names:
@@ -195,6 +221,8 @@ def main(argv: list[str]) -> int:
                     results[name] = bench_framework(settings)
                 elif name == "startup":
                     results[name] = bench_startup(settings, arguments.startup_repeats)
+                elif name == "fid":
+                    results[name] = bench_fid_recipe(arguments, work_dir, context["command"])
         finally:
             if moto is not None:
                 moto.__exit__(None, None, None)
@@ -203,6 +231,9 @@ def main(argv: list[str]) -> int:
             shutil.rmtree(work_dir, ignore_errors=True)
     context["load_after"] = load_average()
     context["duration_s"] = time.perf_counter() - started
+    if "fid" not in results and FID_RESULTS_PATH.is_file() and not arguments.quick:
+        # The fid benchmark takes minutes per seed, so a run without it keeps its last recorded figures.
+        results["fid"] = json.loads(FID_RESULTS_PATH.read_text())
     text = report.render(context, results, quick=arguments.quick)
     Path(arguments.output).write_text(text)
     log.info("wrote %s after %.0f s", arguments.output, context["duration_s"])

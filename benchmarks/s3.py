@@ -11,6 +11,7 @@ import urllib.error
 import urllib.request
 
 START_TIMEOUT_S = 30.0
+SERVER_NICENESS = 10
 _DIRECT_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # ignores *_proxy variables
 
 
@@ -45,8 +46,11 @@ class MotoServer:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
         self.endpoint = f"http://127.0.0.1:{port}"
+        # The server stands in for a remote S3 service, so its CPU time is not the training job's:
+        # a lower priority keeps it from taking the cores away from a training step.
         self.process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        preexec_fn=lambda: os.nice(SERVER_NICENESS))
         self._wait_until_answering()
         return self
 

@@ -92,6 +92,9 @@ def main(argv: list[str]) -> None:
     else:
         result = train_project(settings, arguments.variant)
     result["torch_threads"] = torch.get_num_threads()
+    if torch.cuda.is_available():
+        result["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated() / 1024**2
+        result["gpu"] = torch.cuda.get_device_name(0)
     write_result(arguments.result, result)
 
 

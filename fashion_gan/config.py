@@ -50,6 +50,7 @@ class ModelConfig:
     beta2: float = 0.999
     label_smoothing: float = 0.0
     sample_count: int = 64
+    ema_decay: float = 0.999
 
 
 @dataclass
@@ -210,6 +211,8 @@ def _check_values(config: TrainConfig) -> None:
     _require(0.0 <= model.label_smoothing < 0.5, "model.label_smoothing", model.label_smoothing,
              "a value in [0, 0.5)")
     _require(model.sample_count >= 1, "model.sample_count", model.sample_count, "an integer >= 1")
+    _require(0.0 <= model.ema_decay < 1.0, "model.ema_decay", model.ema_decay,
+             "a value in [0, 1), such as 0.999; 0 = no EMA generator")
 
     _require(trainer.max_steps >= 1, "trainer.max_steps", trainer.max_steps, "an integer >= 1")
     _require(trainer.accelerator in ALLOWED_ACCELERATORS, "trainer.accelerator", trainer.accelerator,

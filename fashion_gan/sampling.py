@@ -17,13 +17,15 @@ log = logging.getLogger(__name__)
 
 GENERATOR_HPARAMS = ("latent_dim", "generator_features", "channels", "image_size")
 GENERATOR_STATE_PREFIX = "generator."
+EMA_GENERATOR_STATE_PREFIX = "generator_ema."
 GRID_PADDING = 2
 
 
 def load_generator(checkpoint_path: str | Path) -> Generator:
     """Load the generator of a DCGAN Lightning checkpoint onto the CPU, in eval mode.
 
-    The network is rebuilt from the checkpoint's hyperparameters and its `generator.*` weights.
+    The network is rebuilt from the checkpoint's hyperparameters and its weights: the EMA generator's
+    (`generator_ema.*`) when the run kept one (model.ema_decay > 0), else the trained generator's.
     Raises ConfigError when the file is missing or is not a DCGAN checkpoint.
     """
     path = Path(checkpoint_path)
@@ -45,14 +47,17 @@ def load_generator(checkpoint_path: str | Path) -> Generator:
             f"{', '.join(missing) or '(none missing)'}. Pass a .ckpt file written by training."
         )
     generator = Generator(**{name: hparams[name] for name in GENERATOR_HPARAMS})
+    has_ema = any(key.startswith(EMA_GENERATOR_STATE_PREFIX) for key in checkpoint["state_dict"])
+    prefix = EMA_GENERATOR_STATE_PREFIX if has_ema else GENERATOR_STATE_PREFIX
     state = {
-        key.removeprefix(GENERATOR_STATE_PREFIX): value
+        key.removeprefix(prefix): value
         for key, value in checkpoint["state_dict"].items()
-        if key.startswith(GENERATOR_STATE_PREFIX)
+        if key.startswith(prefix)
     }
     generator.load_state_dict(state)
     generator.eval()
-    log.info("loaded a %dx%d generator from %s", generator.image_size, generator.image_size, path)
+    log.info("loaded a %dx%d %sgenerator from %s", generator.image_size, generator.image_size,
+             "EMA " if has_ema else "", path)
     return generator
 
 

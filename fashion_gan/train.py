@@ -339,6 +339,7 @@ def _fit(config: TrainConfig, config_dict: dict, run_id: str, decoded, source, l
         channels_last=config.trainer.channels_last,
         check_finite_every_n_steps=config.trainer.check_finite_every_n_steps,
         inject_nan_at_step=config.trainer.inject_nan_at_step,
+        ema_decay=config.model.ema_decay,
     )
     if config.trainer.compile:
         module.generator = torch.compile(module.generator)

@@ -103,19 +103,31 @@ def image_inputs_digest() -> str:
     return digest.hexdigest()
 
 
+# Tag returned by the first ensure_project_image() call of this test session.
+_session_image_tag: str | None = None
+
+
 def ensure_project_image() -> str:
     """Return the tag of the project image built from the current files, building it if needed, or skip.
 
     The image is built from the local base image with WHEELHOUSE=1, so the build needs no network.
-    Older test tags are removed after a build; their layers stay in the build cache while shared.
+    Older test tags that no container uses are removed after a build; their layers stay in the build
+    cache while shared. Later calls in the same test session return the first call's tag while that
+    image exists, so that all jobs of one session, such as a stopped job and the job that resumes it,
+    run the same code even when the files change during the session.
     """
+    global _session_image_tag
     client = ensure_engine()
-    tag = f"{PROJECT_IMAGE_REPOSITORY}:{PROJECT_IMAGE_TAG_PREFIX}{image_inputs_digest()[:12]}"
-    try:
-        client.images.get(tag)
+    tags = [_session_image_tag] if _session_image_tag else []
+    tags.append(f"{PROJECT_IMAGE_REPOSITORY}:{PROJECT_IMAGE_TAG_PREFIX}{image_inputs_digest()[:12]}")
+    for tag in tags:
+        try:
+            client.images.get(tag)
+        except docker.errors.ImageNotFound:
+            continue
+        _session_image_tag = tag
         return tag
-    except docker.errors.ImageNotFound:
-        pass
+    tag = tags[-1]
     base_tag = ensure_base_image(client)
     ensure_wheelhouse()
 
@@ -138,8 +150,17 @@ def ensure_project_image() -> str:
     for old_image in client.images.list(name=PROJECT_IMAGE_REPOSITORY):
         for old_tag in old_image.tags:
             if old_tag.startswith(f"{PROJECT_IMAGE_REPOSITORY}:{PROJECT_IMAGE_TAG_PREFIX}") and old_tag != tag:
-                client.images.remove(old_tag)
+                _remove_unused_tag(client, old_tag)
+    _session_image_tag = tag
     return tag
+
+
+def _remove_unused_tag(client: docker.DockerClient, tag: str) -> None:
+    # The engine rejects the removal with 409 Conflict while a container, even an exited one, uses the image.
+    try:
+        client.images.remove(tag)
+    except docker.errors.APIError as err:
+        log.info("keeping image %s: %s", tag, err)
 
 
 def remove_job_containers(jobs_dir: Path) -> None:

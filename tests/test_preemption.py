@@ -84,7 +84,14 @@ def copy_from_containers(job_ids: list[str], folder: str, dest_dir: Path) -> Non
     for job_id in job_ids:
         chunks, _ = client.containers.get(job_id).get_archive(folder)
         with tarfile.open(fileobj=io.BytesIO(b"".join(chunks))) as archive:
-            archive.extractall(dest_dir, filter="data")
+            archive.extractall(dest_dir, filter=_files_and_folders_only)
+
+
+def _files_and_folders_only(member: tarfile.TarInfo, path: str) -> tarfile.TarInfo | None:
+    # W&B links its debug logs with absolute symlinks, which the "data" filter rejects; they are skipped.
+    if not (member.isfile() or member.isdir()):
+        return None
+    return tarfile.data_filter(member, path)
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from fashion_gan.storage.datasets import pull_dataset, upload_dataset
 from reliability_helpers import (
     TINY_JOB,
     bucket_keys,
+    metrics_csv_steps_from_text,
     read_bucket_json,
     require_fashion_mnist,
     sha256_bytes,
@@ -136,6 +137,10 @@ def test_run_pushes_verified_through_faults(s3_bucket, s3_server, tmp_path):
     last = client.get_object(Bucket=s3_bucket, Key=f"jobs/runs/{run_id}/checkpoints/last.ckpt")["Body"].read()
     assert sha256_bytes(last) == pointer["sha256"]
     assert read_bucket_json(client, s3_bucket, f"jobs/runs/{run_id}/summary.json")["state"] == "succeeded"
+    # metrics.csv is pushed with every checkpoint and at the end: the last push is the one that stays.
+    metrics = client.get_object(Bucket=s3_bucket, Key=f"jobs/runs/{run_id}/metrics.csv")["Body"].read()
+    assert metrics == (local_run_dir / "metrics.csv").read_bytes()
+    assert metrics_csv_steps_from_text(metrics.decode()) == list(range(1, 9))
 
 
 def open_within_bound(uri: str, endpoint_url: str | None = None) -> BaseException | None:

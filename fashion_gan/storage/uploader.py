@@ -29,6 +29,7 @@ class BackgroundUploader:
         self._pending: list[Future] = []
         self._errors: list[BaseException] = []
         self._closed = False
+        self._latest_by_key: dict[str, Future] = {}
 
     def submit(self, local_path: Path, key: str) -> Future:
         """Queue an upload and return a Future of the uploaded file's sha256."""
@@ -43,7 +44,8 @@ class BackgroundUploader:
         with self._lock:
             if self._closed:
                 raise StorageError(f"cannot upload {local_path} to {self.store.describe(key)}: the uploader is closed")
-            future = self._pool.submit(self._upload, Path(local_path), key, after)
+            future = self._pool.submit(self._upload, Path(local_path), key, after, self._latest_by_key.get(key))
+            self._latest_by_key[key] = future
             self._pending.append(future)
         return future
 
@@ -85,7 +87,13 @@ class BackgroundUploader:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
-    def _upload(self, local_path: Path, key: str, after: Callable[[], object] | None) -> str:
+    def _upload(self, local_path: Path, key: str, after: Callable[[], object] | None,
+                previous: Future | None) -> str:
+        # Uploads of one key (metrics.csv is pushed with every checkpoint) finish in the order they
+        # were submitted, so the newest content is the one that stays. ThreadPoolExecutor's work queue
+        # is FIFO (CPython 3.11), so `previous` is already running or done and this wait cannot deadlock.
+        if previous is not None:
+            wait_futures([previous])
         try:
             digest = self.store.upload_file(local_path, key)
             if after is not None:
