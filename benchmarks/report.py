@@ -77,7 +77,10 @@ def _context_lines(context: dict) -> list[str]:
 
 
 def _rate_row(name: str, summary: dict, unit: str, reference: float | None = None) -> str:
-    ratio = f"{summary['median'] / reference:.2f}x" if reference else "1.00x" if reference is None else ""
+    if reference is None:
+        ratio = "1.00x"  # the reference row itself
+    else:
+        ratio = f"{summary['median'] / reference:.2f}x"
     return (f"| {name} | {summary['median']:.1f} {unit} | {summary['min']:.1f} - {summary['max']:.1f} "
             f"({summary['spread_pct']:.0f} %) | {ratio} |")
 

@@ -46,8 +46,8 @@ class MotoServer:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
         self.endpoint = f"http://127.0.0.1:{port}"
-        # The server stands in for a remote S3 service, so its CPU time is not the training job's:
-        # a lower priority keeps it from taking the cores away from a training step.
+        # The server replaces a remote S3 service, so its CPU time is not the training job's. A lower
+        # priority keeps it from taking the cores away from a training step.
         self.process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                         preexec_fn=lambda: os.nice(SERVER_NICENESS))
@@ -68,7 +68,7 @@ class MotoServer:
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"moto server exited with code {self.process.returncode} before answering")
+                raise RuntimeError(f"moto server exited with code {self.process.returncode} before responding")
             try:
                 with _DIRECT_OPENER.open(self.endpoint + "/", timeout=1):
                     return
@@ -76,7 +76,7 @@ class MotoServer:
                 return  # any HTTP status means the server is up
             except OSError:
                 time.sleep(0.1)  # poll interval while the server starts
-        raise RuntimeError(f"moto server did not answer at {self.endpoint} within {START_TIMEOUT_S} s")
+        raise RuntimeError(f"moto server did not respond at {self.endpoint} within {START_TIMEOUT_S} s")
 
 
 def create_bucket(endpoint: str, name: str) -> None:

@@ -113,8 +113,8 @@ def ensure_project_image() -> str:
     The image is built from the local base image with WHEELHOUSE=1, so the build needs no network.
     Older test tags that no container uses are removed after a build; their layers stay in the build
     cache while shared. Later calls in the same test session return the first call's tag while that
-    image exists, so that all jobs of one session, such as a stopped job and the job that resumes it,
-    run the same code even when the files change during the session.
+    image exists. So all jobs of one session, such as a stopped job and the job that resumes it, run
+    the same code even when the files change during the session.
     """
     global _session_image_tag
     client = ensure_engine()

@@ -91,10 +91,10 @@ class FastDropout(nn.Dropout):
 
     nn.Dropout draws one random float per element, and in the discriminator that costs more than
     some of its convolutions. Drawing 64-bit words and comparing their 16-bit parts with a
-    threshold takes a quarter of the generator calls: a bf16 forward and backward over a
-    (64, 64, 32, 32) activation took 25 ms instead of 51 ms (torch 2.14, one thread of a Xeon with
-    AVX-512; measured with thread CPU time). The drop probability is rounded to a multiple of 1/65536,
-    and the kept values are scaled by 1 / (1 - that probability), so the expected output equals the input.
+    threshold takes a quarter of the generator calls. A bf16 forward and backward over a
+    (64, 64, 32, 32) activation took 25 ms instead of 51 ms of thread CPU time (torch 2.14, one
+    thread of a Xeon with AVX-512). The drop probability is rounded to a multiple of 1/65536, and
+    the kept values are scaled by 1 / (1 - that probability), so the expected output equals the input.
     Draws come from the default generator of the input's device, so torch.manual_seed repeats them.
     """
 
@@ -106,7 +106,7 @@ class FastDropout(nn.Dropout):
             return torch.zeros_like(input)
         words = torch.empty((input.numel() + 3) // 4, dtype=torch.int64, device=input.device)
         words.random_(-(2**63), None)  # every bit of each word random
-        # Signed 16-bit parts are uniform in [-32768, 32767]; dropping those below threshold - 32768
+        # Signed 16-bit parts are uniform in [-32768, 32767], so dropping those below threshold - 32768
         # drops with probability threshold / 65536.
         parts = words.view(torch.int16)[: input.numel()]
         keep = _shaped_like(parts, input) >= threshold - RANDOM_BITS_RANGE // 2

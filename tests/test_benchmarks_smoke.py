@@ -1,0 +1,83 @@
+"""The benchmark harness with tiny settings, its statistics, and FastDropout (the discriminator's dropout)."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from training_helpers import CLOTHING_DIR, PROJECT_DIR
+
+# benchmarks/ is a folder of the repository, not part of the installed package.
+if str(PROJECT_DIR) not in sys.path:
+    sys.path.insert(0, str(PROJECT_DIR))
+
+from benchmarks.common import images_per_s, summarize  # noqa: E402
+from fashion_gan.models.blocks import FastDropout  # noqa: E402
+
+
+def test_summarize_median_and_spread():
+    summary = summarize([10.0, 12.0, 11.0])
+    assert summary["median"] == 11.0
+    assert summary["min"] == 10.0
+    assert summary["max"] == 12.0
+    assert summary["spread_pct"] == pytest.approx(100 * 2 / 11)
+
+
+def test_images_per_s_skips_warmup():
+    # Steps end at 1, 2, 3, 5 s: after 2 warm-up steps, 2 steps of 8 images take 3 s.
+    assert images_per_s([1.0, 2.0, 3.0, 5.0], warmup_steps=2, batch_size=8) == pytest.approx(16 / 3)
+
+
+def test_fast_dropout_drop_rate_and_scale():
+    dropout = FastDropout(0.3)
+    torch.manual_seed(0)
+    output = dropout(torch.ones(64, 16, 32, 32))
+    dropped = (output == 0).float().mean().item()
+    assert dropped == pytest.approx(0.3, abs=0.005)
+    kept_values = output[output != 0]
+    assert torch.allclose(kept_values, torch.full_like(kept_values, 1 / (1 - round(0.3 * 65536) / 65536)))
+
+
+def test_fast_dropout_repeats_with_seed():
+    dropout = FastDropout(0.5)
+    inputs = torch.randn(4, 8, 16, 16).contiguous(memory_format=torch.channels_last)
+    torch.manual_seed(7)
+    first = dropout(inputs)
+    torch.manual_seed(7)
+    second = dropout(inputs)
+    assert torch.equal(first, second)
+    assert first.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_fast_dropout_eval_and_gradient():
+    dropout = FastDropout(0.3)
+    inputs = torch.randn(2, 3, 4, 4, requires_grad=True)
+    dropout.eval()
+    assert dropout(inputs) is inputs
+    dropout.train()
+    output = dropout(inputs)
+    output.sum().backward()
+    # The gradient is the mask: 0 where dropped, the scale where kept.
+    assert torch.equal(inputs.grad == 0, output.detach() == 0)
+    assert isinstance(dropout, nn.Dropout)
+
+
+@pytest.mark.slow
+def test_quick_benchmark_writes_results(tmp_path):
+    if not CLOTHING_DIR.is_dir():
+        pytest.skip(f"clothing photos not found at {CLOTHING_DIR}")
+    output = tmp_path / "RESULTS.md"
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--only", "training,pipeline,framework",
+         "--output", str(output), "--work-dir", str(tmp_path / "work")],
+        cwd=PROJECT_DIR, capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    text = output.read_text()
+    assert "## End-to-end training throughput" in text
+    assert "## Input pipeline throughput" in text
+    assert "## Framework overhead" in text
+    assert "| end-to-end, default settings vs reference | >= 2x |" in text
+    assert "not measured" in text  # pull, upload and start-up were not selected
