@@ -40,6 +40,7 @@ def render(context: dict, results: dict, quick: bool) -> str:
             body += render_section(results[name], context, figures)
     lines += _acceptance_lines(figures)
     lines += body
+    lines += _method_lines()
     lines += _gpu_lines()
     return "\n".join(lines) + "\n"
 
@@ -260,6 +261,21 @@ def _acceptance_lines(figures: dict) -> list[str]:
         lines.append(f"| {description} | {comparison} {threshold:g}{unit} | {value:.2f}{unit} | "
                      f"{'pass' if passed else 'FAIL'} |")
     return lines + [""]
+
+
+def _method_lines() -> list[str]:
+    return ["## Method notes", "",
+            "- The reference imports the project's Generator and Discriminator, so changes inside the networks "
+            "(such as FastDropout) speed up both sides; the ratios come from the input pipeline, the training "
+            "loop, the precision and the memory format.",
+            "- Both sides use torch's default intra-op thread count (one per core). The reference's DataLoader "
+            "workers run one thread each, as PyTorch sets them, beside the training threads on the same cores.",
+            "- The moto server replaces a remote S3 service and runs at nice 10, so its own CPU time does not take "
+            "the cores from a training step. The upload client (hashing, HTTP) runs inside the training process "
+            "and counts.",
+            "- The project runs with `logger=csv`: the default W&B logger starts a service process, which the "
+            "reference does not have.",
+            ""]
 
 
 def _gpu_lines() -> list[str]:

@@ -34,7 +34,7 @@ from training_helpers import FASHION_MNIST_DIR, run_train
 from wandb_files import history_rows, run_files, run_info
 
 JOB_TIMEOUT_S = 600
-# Options of each backend that `submit_training_job` can use. The docker backend adds its entry.
+# Options of each backend that `submit_training_job` can use.
 BACKEND_OPTIONS = {
     "local": lambda workdir: {"workdir": str(workdir)},
     # An empty build context, so that submit() runs the existing project image and never builds one.
