@@ -202,6 +202,8 @@ def restart(job: Annotated[str, typer.Argument(help="Job id.")],
 def output(job: Annotated[str, typer.Argument(help="Job id.")],
            dest: Annotated[Path, typer.Option(help="Folder to download into.")] = Path(".")) -> None:
     """Download a job's outputs (checkpoints, samples, metrics) into DEST/<job id>."""
+    if dest.exists() and not dest.is_dir():
+        raise RunnerError(f"--dest {dest} is a file; give a folder to download the outputs of {job} into.")
     typer.echo(str(backend_for_job(job).outputs(job, dest)))
 
 

@@ -6,6 +6,7 @@ W&B side effect, and every failure is a `ConfigError` naming the key, the value 
 """
 
 import difflib
+import math
 import os
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -142,6 +143,7 @@ def validate_config(cfg: DictConfig | dict, original_cwd: Path | None = None) ->
 
     _check_values(config)
     _resolve_local_paths(config, original_cwd or Path.cwd())
+    _check_local_source_exists(config)
     return config
 
 
@@ -205,7 +207,7 @@ def _check_values(config: TrainConfig) -> None:
     _require(model.discriminator_features >= 1, "model.discriminator_features", model.discriminator_features,
              "an integer >= 1")
     _require(0.0 <= model.dropout < 1.0, "model.dropout", model.dropout, "a probability in [0, 1)")
-    _require(model.lr > 0.0, "model.lr", model.lr, "a learning rate > 0")
+    _require(math.isfinite(model.lr) and model.lr > 0.0, "model.lr", model.lr, "a finite learning rate > 0")
     _require(0.0 <= model.beta1 < 1.0, "model.beta1", model.beta1, "a value in [0, 1)")
     _require(0.0 <= model.beta2 < 1.0, "model.beta2", model.beta2, "a value in [0, 1)")
     _require(0.0 <= model.label_smoothing < 0.5, "model.label_smoothing", model.label_smoothing,
@@ -230,6 +232,9 @@ def _check_values(config: TrainConfig) -> None:
     _require(config.logger.name in ALLOWED_LOGGERS, "logger.name", config.logger.name, ", ".join(ALLOWED_LOGGERS))
     _require(config.logger.mode is None or config.logger.mode in ALLOWED_WANDB_MODES, "logger.mode",
              config.logger.mode, "null (automatic), " + ", ".join(ALLOWED_WANDB_MODES))
+    endpoint = config.storage.endpoint_url
+    _require(endpoint is None or endpoint.startswith(("http://", "https://")), "storage.endpoint_url", endpoint,
+             "null (use AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL or AWS) or a URL starting with http:// or https://")
     _require(config.storage.max_concurrency >= 1, "storage.max_concurrency", config.storage.max_concurrency,
              "an integer >= 1")
     _require(config.metrics.fid_extractor is None or config.metrics.fid_extractor in ALLOWED_FID_EXTRACTORS,
@@ -249,6 +254,17 @@ def _check_values(config: TrainConfig) -> None:
              "an integer >= 1")
     _require(run.grace_period_s > 0, "run.grace_period_s", run.grace_period_s, "a number of seconds > 0")
     _require(bool(run.output), "run.output", run.output, "a folder path, file:// or s3:// URI")
+
+
+def _check_local_source_exists(config: TrainConfig) -> None:
+    source = config.data.source
+    if source and "://" not in source and not source.startswith("dataset:") and not Path(source).is_dir():
+        from fashion_gan.errors import DatasetError
+
+        raise DatasetError(
+            f"Dataset source {source} does not exist or is not a folder. Check data.source: give a folder of "
+            f"images (or of Fashion-MNIST idx files), a file:// or s3:// URI, or dataset:NAME[/VERSION]."
+        )
 
 
 def _is_valid_run_id(run_id: str) -> bool:

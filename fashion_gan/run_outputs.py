@@ -140,7 +140,8 @@ class RunLock:
                     f"This job refuses to start. Wait for that job to finish or stop it, or choose another run.id. "
                     f"A lock without a heartbeat for {self.stale_after_s:.0f} s is taken over."
                 )
-            log.warning("Taking over the stale lock of run %s held by %s", self.run_id, holder)
+            log.warning("Taking over the stale lock of run %s held by host %s, pid %s", self.run_id, holder.get("host"),
+                        holder.get("pid"))
             self.store.delete(self.key)
         raise RunConflictError(
             f"Run id '{self.run_id}' was locked by another job while this one took over a stale lock. "

@@ -34,7 +34,7 @@ def load_generator(checkpoint_path: str | Path) -> Generator:
     try:
         # weights_only=True unpickles tensors and plain containers only, so a crafted file cannot run code.
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError) as err:
+    except (OSError, EOFError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as err:
         raise ConfigError(
             f"failed to read checkpoint {path}: {err}. Pass a .ckpt file written by training."
         ) from err

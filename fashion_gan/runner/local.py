@@ -58,6 +58,11 @@ class LocalBackend(Backend):
         self._start(record.spec, workdir, restart=True)
 
     def _start(self, spec: JobSpec, workdir: Path, restart: bool) -> None:
+        if spec.instance_count > 1:
+            raise RunnerError(
+                f"instance_count={spec.instance_count} needs several machines, but the local backend runs one "
+                f"process on this machine. Set instance_count: 1, or use backend: sagemaker for multi-node jobs."
+            )
         if not workdir.is_dir():
             raise RunnerError(f"working folder {workdir} of local job {spec.job_id} not found; "
                               "fix `local: {workdir: …}` in floyd.yml")

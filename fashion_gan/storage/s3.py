@@ -79,8 +79,15 @@ _ACCESS_DENIED_CODES = {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureD
 
 def resolve_endpoint_url(explicit: str | None = None) -> str | None:
     """Return the endpoint: `explicit` > AWS_ENDPOINT_URL_S3 > AWS_ENDPOINT_URL > None (AWS)."""
-    for candidate in (explicit, os.environ.get("AWS_ENDPOINT_URL_S3"), os.environ.get("AWS_ENDPOINT_URL")):
+    sources = (("storage.endpoint_url", explicit), ("AWS_ENDPOINT_URL_S3", os.environ.get("AWS_ENDPOINT_URL_S3")),
+               ("AWS_ENDPOINT_URL", os.environ.get("AWS_ENDPOINT_URL")))
+    for source, candidate in sources:
         if candidate:
+            if not candidate.startswith(("http://", "https://")):
+                raise StorageError(
+                    f"Invalid S3 endpoint {candidate!r} from {source}: it must be a URL starting with http:// or "
+                    f"https://, such as http://127.0.0.1:9000. Fix or unset {source}."
+                )
             return candidate.rstrip("/")
     return None
 
