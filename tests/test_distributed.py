@@ -146,7 +146,11 @@ def test_strategy_for_several_processes():
 
 def test_sagemaker_hosts_set_torch_distributed_env(monkeypatch):
     for name in ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "WORLD_SIZE"):
-        monkeypatch.delenv(name, raising=False)
+        # setenv first, so that monkeypatch restores "unset" even for a variable that is not set now:
+        # a bare delenv(raising=False) records nothing, and the values set below would leak into
+        # every later test and the train.py processes they start.
+        monkeypatch.setenv(name, "placeholder")
+        monkeypatch.delenv(name)
     monkeypatch.setenv("SM_HOSTS", '["algo-1", "algo-2"]')
     monkeypatch.setenv("SM_CURRENT_HOST", "algo-2")
     monkeypatch.setenv("SM_NUM_GPUS", "4")
