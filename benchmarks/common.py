@@ -20,7 +20,7 @@ DEFAULT_DATA_DIR = PROJECT_DIR.parent / "shared" / "data" / "clothing-small" / "
 
 @dataclass
 class BenchSettings:
-    """What every benchmark trains on. The defaults are the clothing-photo experiment (3x64x64, batch 64)."""
+    """Settings every benchmark trains with. The defaults are the clothing-photo experiment (3x64x64, batch 64)."""
 
     data_dir: str = str(DEFAULT_DATA_DIR)
     work_dir: str = ""  # scratch folder for caches, outputs and downloads; "" = a new temporary folder

@@ -21,7 +21,7 @@ class ExitCode:
 
 
 class FashionGanError(Exception):
-    """Base class of every error a user can cause; the message says what to do next."""
+    """Base class of every error a user can cause. The message names the next step."""
 
     exit_code = ExitCode.BUG
 

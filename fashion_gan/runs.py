@@ -41,7 +41,7 @@ CURVES_DPI = 100
 
 @dataclass
 class RunRecord:
-    """What storage holds about one run: its config, its summary (once finished) and its metrics rows."""
+    """What storage contains about one run: its config, its summary (once finished) and its metrics rows."""
 
     run_id: str
     config: dict[str, Any]
@@ -114,7 +114,9 @@ def load_run(store: ObjectStore, run_id: str) -> RunRecord:
     config = _read_yaml(store, f"{prefix}/config.yaml")
     if config is None:
         known = sorted(list_run_ids(store))
-        listing = ", ".join(known[:20]) + (" …" if len(known) > 20 else "") if known else "none"
+        listing = ", ".join(known[:20]) if known else "none"
+        if len(known) > 20:
+            listing += " …"
         raise ConfigError(
             f"run {run_id!r} not found in {store.describe('runs')}: it has no config.yaml. Runs there: {listing}. "
             "Pass --storage with the output storage of the job (see `fashion-gan runs list --storage URI`)."

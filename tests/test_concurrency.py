@@ -136,7 +136,7 @@ def test_lock_from_other_pid_namespace_is_kept(tmp_path):
     ended = subprocess.Popen([sys.executable, "-c", "pass"])
     ended.wait()
     # A job container under host networking has this host name but its own pid numbering, so a pid that
-    # ended here says nothing about the holder: only its fresh heartbeat counts.
+    # ended here does not show that the holder is gone. Only its fresh heartbeat counts.
     write_forged_lock(store, "container", pid=ended.pid, pid_namespace="pid:[1]", process_start=5)
     lock = RunLock(store, "container", stale_after_s=120)
 

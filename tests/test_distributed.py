@@ -59,7 +59,7 @@ def assert_disjoint_rank_shards(stderr: str) -> None:
 
 
 def assert_one_run_in_bucket(client, bucket: str) -> str:
-    """Return the run id after checking the bucket holds exactly one run with a final checkpoint."""
+    """Return the run id after checking the bucket contains exactly one run with a final checkpoint."""
     keys = [item["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix="jobs/runs/")
             for item in page.get("Contents", [])]
     run_ids = {key.split("/")[2] for key in keys}

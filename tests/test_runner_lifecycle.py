@@ -1,8 +1,8 @@
 """The job lifecycle through the `fashion-gan` CLI with the real train.py: submit, follow, stop, restart, fetch.
 
 Each test runs once per backend: `local` (a process on this machine) and `docker` (a container of
-the project image, built by tests/docker_helpers.py; the case skips when no Docker engine can be
-started). Containers use host networking, so they reach the loopback S3 server of the tests.
+the project image, built by tests/docker_helpers.py). The docker case skips when no Docker engine can be
+started. Containers use host networking, so they reach the loopback S3 server of the tests.
 """
 
 import json
