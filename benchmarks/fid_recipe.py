@@ -7,8 +7,8 @@ images against the real statistics that `val/fid` uses: a seeded subset of the p
 training array. The latent noise comes from fashion_gan.callbacks.fid.EVAL_NOISE_SEED in chunks of
 EVAL_BATCH_SIZE, as in FidCallback.
 
-  classic  torchvision pipeline over the idx files (Resize(32), ToTensor, Normalize), a shuffling
-           DataLoader with worker processes, and the plain float32 loop of benchmarks/reference.py.
+  classic  the torchvision transforms over the idx files (Resize(32), ToTensor, Normalize), applied
+           once and cached, a shuffling DataLoader, and the plain float32 loop of benchmarks/reference.py.
   project  `python train.py experiment=fashion_mnist logger=none metrics=fid ...`: the project's
            defaults, including the EMA generator (model.ema_decay) and trainer.precision=auto.
 
@@ -56,7 +56,6 @@ class FidSettings:
     lr: float = 2e-4
     beta1: float = 0.5
     beta2: float = 0.999
-    loader_workers: int = 2  # DataLoader worker processes of the classic recipe
     project_overrides: list[str] = field(default_factory=list)  # extra train.py overrides, for smoke tests
 
     def to_json(self) -> str:
@@ -72,7 +71,7 @@ class FidSettings:
                              generator_features=self.generator_features,
                              discriminator_features=self.discriminator_features, latent_dim=self.latent_dim,
                              dropout=0.0, label_smoothing=0.0, lr=self.lr, beta1=self.beta1, beta2=self.beta2,
-                             seed=self.seed, reference_workers=self.loader_workers)
+                             seed=self.seed)
 
 
 # Scoring, shared by both variants ---------------------------------------------------------------
@@ -117,41 +116,46 @@ def score_generator(evaluator, generator) -> dict:
 
 # The classic recipe ---------------------------------------------------------------------------
 
-def classic_dataset(settings: FidSettings):
-    """Return the Fashion-MNIST training set as the PyTorch DCGAN example loads it: PIL image, Resize, ToTensor, Normalize."""
+def classic_images(settings: FidSettings):
+    """Return the Fashion-MNIST training set as the PyTorch DCGAN example's transforms make it: (N, 1, H, W) floats.
+
+    The transforms (PIL image, Resize, ToTensor, Normalize) have no random part, so they run once and
+    the result is cached in work_dir. Training from the cached tensors gives the same batches as
+    decoding in DataLoader workers every epoch. This benchmark measures sample quality only; the
+    classic pipeline's speed is measured by benchmarks/training.py.
+    """
+    import torch
     from PIL import Image
-    from torch.utils.data import Dataset
     from torchvision import transforms
 
     from fashion_gan.data.fashion_mnist import find_fashion_mnist_dir, load_idx
 
-    images, labels = load_idx(find_fashion_mnist_dir(settings.fashion_mnist_dir or None), split="train")
+    cache_path = Path(settings.work_dir) / "cache" / f"classic-fashion-mnist-{settings.image_size}.pt"
+    if cache_path.is_file():
+        return torch.load(cache_path)
+    images, _ = load_idx(find_fashion_mnist_dir(settings.fashion_mnist_dir or None), split="train")
     transform = transforms.Compose([
         transforms.Resize(settings.image_size),
         transforms.ToTensor(),
         transforms.Normalize((0.5,), (0.5,)),
     ])
-
-    class IdxImages(Dataset):
-        def __len__(self) -> int:
-            return len(images)
-
-        def __getitem__(self, index: int):
-            return transform(Image.fromarray(images[index])), int(labels[index])
-
-    return IdxImages()
+    transformed = torch.stack([transform(Image.fromarray(image)) for image in images])
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(transformed, cache_path)
+    return transformed
 
 
 def train_classic(settings: FidSettings) -> dict:
     """Train the classic recipe for settings.steps steps and score its generator."""
     import torch
-    from torch.utils.data import DataLoader
+    from torch.utils.data import DataLoader, TensorDataset
 
     from benchmarks.reference import ReferenceTrainer, endless_batches
 
-    dataset = classic_dataset(settings)
-    loader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=True, num_workers=settings.loader_workers,
-                        drop_last=True, persistent_workers=settings.loader_workers > 0,
+    images = classic_images(settings)
+    # The shuffle order comes from the loader's own generator, as with worker processes.
+    loader = DataLoader(TensorDataset(images, torch.zeros(len(images), dtype=torch.long)),
+                        batch_size=settings.batch_size, shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(settings.seed))
     trainer = ReferenceTrainer(settings.reference_settings())
     batches = endless_batches(loader)
@@ -165,11 +169,11 @@ def train_classic(settings: FidSettings) -> dict:
     result = score_generator(evaluator, trainer.generator)
     result.update(train_s=train_s, train_cpu_s=train_cpu_s, final_losses=[float(d_loss), float(g_loss)],
                   precision="32-true",
-                  real_pipeline_fid=real_pipeline_fid(evaluator, dataset, settings))
+                  real_pipeline_fid=real_pipeline_fid(evaluator, images, settings))
     return result
 
 
-def real_pipeline_fid(evaluator, dataset, settings: FidSettings) -> float:
+def real_pipeline_fid(evaluator, images, settings: FidSettings) -> float:
     """Return the FID of real training images through the classic transforms against the val/fid statistics.
 
     The classic pipeline upsamples 28 -> 32 with PIL's bilinear filter and the project's decoder with
@@ -178,12 +182,12 @@ def real_pipeline_fid(evaluator, dataset, settings: FidSettings) -> float:
     import numpy as np
     import torch
 
-    order = np.random.default_rng(settings.seed).permutation(len(dataset))[: settings.num_samples]
+    order = torch.from_numpy(np.random.default_rng(settings.seed).permutation(len(images))[: settings.num_samples])
     position = 0
 
     def real_images(count: int) -> torch.Tensor:
         nonlocal position
-        batch = torch.stack([dataset[int(index)][0] for index in order[position : position + count]])
+        batch = images[order[position : position + count]]
         position += count
         return batch
 

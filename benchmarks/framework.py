@@ -77,17 +77,17 @@ def train_lightning(settings: BenchSettings, precision: str, steps: int) -> list
 
 
 def train_plain(settings: BenchSettings, precision: str, steps: int) -> list[float]:
+    from fashion_gan.models.dcgan import prepare_real_batch
+
     module = build_module(settings)
+    flip_rng = torch.Generator().manual_seed(settings.seed)
     generator, discriminator = module.generator, module.discriminator
     generator_optimizer, discriminator_optimizer = module.configure_optimizers()
     batch = fixed_batch(settings)
     use_bf16 = precision == "bf16-mixed"
     step_end_times: list[float] = []
     for _ in range(steps):
-        real = batch.float().div_(127.5).sub_(1.0)
-        flip = torch.rand(real.shape[0]) < 0.5
-        real = torch.where(flip[:, None, None, None], real.flip(-1), real)
-        real = real.contiguous(memory_format=torch.channels_last)
+        real = prepare_real_batch(batch, flip_rng, channels_last=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
             fake = generator(torch.randn(real.shape[0], settings.latent_dim))
             discriminator_optimizer.zero_grad(set_to_none=True)

@@ -22,6 +22,7 @@ PROJECT_BATCHES = 400
 
 def project_rate(settings: BenchSettings, decoded, batches: int) -> float:
     from fashion_gan.data.datamodule import DecodedArrayDataModule
+    from fashion_gan.models.dcgan import prepare_real_batch
 
     datamodule = DecodedArrayDataModule(decoded, batch_size=settings.batch_size, seed=settings.seed)
     iterator = iter(datamodule.train_dataloader())
@@ -29,11 +30,7 @@ def project_rate(settings: BenchSettings, decoded, batches: int) -> float:
     next(iterator)
     started = time.perf_counter()
     for _ in range(batches):
-        batch = next(iterator)
-        real = batch.float().div_(127.5).sub_(1.0)
-        flip = torch.rand(real.shape[0], generator=generator) < 0.5
-        real = torch.where(flip[:, None, None, None], real.flip(-1), real)
-        real = real.contiguous(memory_format=torch.channels_last)
+        prepare_real_batch(next(iterator), generator, channels_last=True)
     return batches * settings.batch_size / (time.perf_counter() - started)
 
 

@@ -215,8 +215,9 @@ def _fid_lines(result: dict, context: dict, figures: dict) -> list[str]:
              f"Discriminator (features {settings['generator_features']}/{settings['discriminator_features']}, latent "
              f"{settings['latent_dim']}), batch {settings['batch_size']}, Adam lr {settings['lr']} betas "
              f"({settings['beta1']}, {settings['beta2']}), {settings['steps']} steps per recipe and seed. Classic: "
-             "benchmarks/fid_recipe.py's torchvision pipeline over the idx files (Resize, ToTensor, Normalize; "
-             f"{settings['loader_workers']} DataLoader workers) and the float32 loop of benchmarks/reference.py. "
+             "benchmarks/fid_recipe.py's torchvision transforms over the idx files (Resize, ToTensor, Normalize; "
+             "applied once and cached, so the batches match the worker pipeline's) and the float32 loop of "
+             "benchmarks/reference.py. "
              "Project: `train.py experiment=fashion_mnist` with its defaults (EMA generator, precision auto). "
              f"Both scored like `val/fid`: FidEvaluator(\"fashion_mnist_classifier\"), {settings['num_samples']} "
              "generated images from noise seed 1234 against the statistics of a seeded subset of as many decoded "
@@ -252,12 +253,12 @@ def _fid_lines(result: dict, context: dict, figures: dict) -> list[str]:
 def _acceptance_lines(figures: dict) -> list[str]:
     lines = ["## Summary against the targets", "", "| figure | target | measured | result |", "| --- | --- | --- | --- |"]
     for key, (description, comparison, threshold) in TARGETS.items():
+        unit = "x" if key in ("training_default", "training_fp32", "pipeline", "pull_vs_sync") else ""
         if key not in figures:
-            lines.append(f"| {description} | {comparison} {threshold:g} | not measured | - |")
+            lines.append(f"| {description} | {comparison} {threshold:g}{unit} | not measured | - |")
             continue
         value = figures[key]
         passed = {">=": value >= threshold, "<=": value <= threshold, "<": value < threshold}[comparison]
-        unit = "x" if key in ("training_default", "training_fp32", "pipeline", "pull_vs_sync") else ""
         lines.append(f"| {description} | {comparison} {threshold:g}{unit} | {value:.2f}{unit} | "
                      f"{'pass' if passed else 'FAIL'} |")
     return lines + [""]

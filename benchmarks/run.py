@@ -44,7 +44,8 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--startup-repeats", type=int, default=3, help="runs of the start-up benchmark")
     parser.add_argument("--fid-steps", type=int, default=FidSettings.steps,
                         help="training steps of each recipe in the fid benchmark")
-    parser.add_argument("--fid-seeds", default="42", help="comma-separated seeds of the fid benchmark, one run each")
+    parser.add_argument("--fid-seeds", default="1,2,3,4,5",
+                        help="comma-separated seeds of the fid benchmark, one run each")
     parser.add_argument("--fid-samples", type=int, default=FidSettings.num_samples,
                         help="generated (and real) images per FID score")
     parser.add_argument("--data-dir", default=BenchSettings.data_dir, help="folder of photos (class subfolders)")

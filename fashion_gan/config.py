@@ -52,6 +52,7 @@ class ModelConfig:
     label_smoothing: float = 0.0
     sample_count: int = 64
     ema_decay: float = 0.999
+    ema_start_step: int = 1000
 
 
 @dataclass
@@ -215,6 +216,7 @@ def _check_values(config: TrainConfig) -> None:
     _require(model.sample_count >= 1, "model.sample_count", model.sample_count, "an integer >= 1")
     _require(0.0 <= model.ema_decay < 1.0, "model.ema_decay", model.ema_decay,
              "a value in [0, 1), such as 0.999; 0 = no EMA generator")
+    _require(model.ema_start_step >= 0, "model.ema_start_step", model.ema_start_step, "an integer >= 0")
 
     _require(trainer.max_steps >= 1, "trainer.max_steps", trainer.max_steps, "an integer >= 1")
     _require(trainer.accelerator in ALLOWED_ACCELERATORS, "trainer.accelerator", trainer.accelerator,

@@ -144,7 +144,7 @@ _ARTIFACT_RESULT_KEYS = ("dataset_images", "steps", "val_fid", "val_fid_best", "
 def log_generator_artifact(run: Optional[Any], module, work_dir: Path, summary: dict[str, Any]):
     """Log the final generator as a W&B artifact of type "model" named `generator-<run id>`.
 
-    The file contains the generator's `state_dict` (keys prefixed "generator.") and the hyperparameters
+    With model.ema_decay > 0 the file holds the averaged weights. It contains the generator's `state_dict` (keys prefixed "generator.") and the hyperparameters
     that rebuild it, so `fashion-gan generate --checkpoint generator.pt` loads it like a checkpoint.
     The metadata names the dataset version and digest. In offline mode the artifact is recorded in
     the run files and uploaded by `wandb sync`. Returns the artifact, or None without a W&B run.
@@ -154,7 +154,9 @@ def log_generator_artifact(run: Optional[Any], module, work_dir: Path, summary: 
     import torch
     import wandb
 
-    generator = getattr(module.generator, "_orig_mod", module.generator)  # unwrap torch.compile
+    # The weight average when the run keeps one: it is what the sample grids, val/fid and generate use.
+    trained = module.generator_ema if getattr(module, "generator_ema", None) is not None else module.generator
+    generator = getattr(trained, "_orig_mod", trained)  # unwrap torch.compile
     payload = {
         "state_dict": {f"generator.{key}": value.detach().cpu() for key, value in generator.state_dict().items()},
         "hyper_parameters": {name: module.hparams[name] for name in _GENERATOR_HPARAMS},

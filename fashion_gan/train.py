@@ -346,6 +346,7 @@ def _fit(config: TrainConfig, config_dict: dict, run_id: str, decoded, source, l
         check_finite_every_n_steps=config.trainer.check_finite_every_n_steps,
         inject_nan_at_step=config.trainer.inject_nan_at_step,
         ema_decay=config.model.ema_decay,
+        ema_start_step=config.model.ema_start_step,
     )
     if config.trainer.compile:
         module.generator = torch.compile(module.generator)
@@ -386,6 +387,7 @@ def _fit(config: TrainConfig, config_dict: dict, run_id: str, decoded, source, l
         max_epochs=-1,
         logger=False,
         callbacks=callbacks,
+        plugins=[checkpoints.checkpoint_io],
         log_every_n_steps=config.trainer.log_every_n_steps,
         deterministic=config.trainer.deterministic,
         enable_checkpointing=False,

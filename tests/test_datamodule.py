@@ -177,6 +177,25 @@ def test_datamodule_copies_small_memmap(tmp_path: Path) -> None:
     assert isinstance(mapped, np.memmap)
 
 
+@pytest.mark.parametrize("max_in_memory_bytes", [None, 10])
+def test_batches_match_array_in_either_layout(tmp_path: Path, max_in_memory_bytes: int | None) -> None:
+    path = tmp_path / "array.npy"
+    np.save(path, np.random.default_rng(0).integers(0, 256, size=(NUM_IMAGES, 3, 4, 5), dtype=np.uint8))
+    decoded = make_decoded()
+    decoded.array = np.load(path, mmap_mode="r")
+    limit = {} if max_in_memory_bytes is None else {"max_in_memory_bytes": max_in_memory_bytes}
+    module = DecodedArrayDataModule(decoded, BATCH_SIZE, seed=5, **limit)
+
+    batches = list(islice(iter(module.train_dataloader()), 3))
+
+    for step, batch in enumerate(batches):
+        indices = batch_indices(step, seed=5, num_items=NUM_IMAGES, batch_size=BATCH_SIZE)
+        assert batch.shape == (BATCH_SIZE, 3, 4, 5)
+        assert torch.equal(batch, torch.from_numpy(np.asarray(decoded.array)[indices]))
+        # The RAM copy serves channels_last views; the memory map serves (B, C, H, W) batches as stored.
+        assert batch.is_contiguous(memory_format=torch.channels_last) is (max_in_memory_bytes is None)
+
+
 def test_too_few_images_raise_dataset_error() -> None:
     module = DecodedArrayDataModule(make_decoded(num_images=10), 8, seed=0)
     module.trainer = fake_trainer(world_size=2)

@@ -150,7 +150,7 @@ def test_hyperparameters_hold_only_model_settings():
         "latent_dim", "generator_features", "discriminator_features", "channels", "image_size", "dropout",
         "generator_lr", "discriminator_lr", "adam_beta1", "adam_beta2", "label_smoothing", "sample_count",
         "augment_flip", "seed", "channels_last", "check_finite_every_n_steps", "inject_nan_at_step",
-        "ema_decay",
+        "ema_decay", "ema_start_step",
     }
 
 

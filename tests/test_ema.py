@@ -90,6 +90,38 @@ def test_ema_follows_warmup_schedule():
     assert not torch.equal(next(module.generator_ema.parameters()), next(module.generator.parameters()))
 
 
+def test_ema_copies_generator_until_start_step():
+    # Steps 0 and 1 come before ema_start_step=2: the average equals the generator. Step 2 is the
+    # first averaged one, with decay min(0.9, 1 / 10) = 0.1.
+    module = tiny_module(ema_start_step=2)
+    generator_after = []
+
+    class RecordGenerator(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            generator_after.append(parameters_of(pl_module.generator))
+            if trainer.global_step == 2:
+                for ema, trained in zip(pl_module.generator_ema.parameters(), pl_module.generator.parameters(),
+                                        strict=True):
+                    assert torch.equal(ema, trained)
+
+    trainer = pl.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[RecordGenerator()])
+    images = torch.randint(0, 256, (4, 1, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    trainer.fit(module, DataLoader(RepeatedBatch(images), batch_size=None))
+
+    expected = [torch.lerp(before, after, 0.9) for before, after in zip(generator_after[1], generator_after[2],
+                                                                       strict=True)]
+    for ema, value in zip(module.generator_ema.parameters(), expected, strict=True):
+        torch.testing.assert_close(ema, value)
+    assert not torch.equal(next(module.generator_ema.parameters()), next(module.generator.parameters()))
+
+
+@pytest.mark.parametrize("value", [-1, 1.5])
+def test_invalid_ema_start_step_rejected(value):
+    with pytest.raises(ConfigError, match="ema_start_step"):
+        tiny_module(ema_start_step=value)
+
+
 def test_ema_averages_batchnorm_statistics():
     module = tiny_module()
     fit(module, max_steps=3)
@@ -158,4 +190,6 @@ def test_invalid_ema_decay_rejected(value):
 
 
 def test_default_config_enables_ema():
-    assert validate_config(compose_config([])).model.ema_decay == 0.999
+    model = validate_config(compose_config([])).model
+    assert model.ema_decay == 0.999
+    assert model.ema_start_step == 1000

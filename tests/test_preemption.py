@@ -201,7 +201,14 @@ def test_sigkill_at_ten_points_keeps_latest_loadable(s3_bucket, tmp_path):
     kill_steps = sorted(random.Random(seed).sample(range(2, max_steps - 2), 10))
 
     expected_resume_step = None
+    last_step_before = 0
     for attempt, kill_step in enumerate(kill_steps):
+        # metrics.csv still holds the previous attempt's rows until this attempt truncates it at its
+        # resume step, and the previous attempt may have logged past kill_step before SIGKILL landed.
+        # Only a row past every earlier one shows that this attempt has trained.
+        kill_step = max(kill_step, last_step_before + 1)
+        if kill_step >= max_steps:
+            break
         log_path = tmp_path / f"attempt-{attempt}.log"
         process = start_train(arguments, env, log_path)
         try:
@@ -212,6 +219,7 @@ def test_sigkill_at_ten_points_keeps_latest_loadable(s3_bucket, tmp_path):
         finally:
             stop_process(process)
         log_text = log_path.read_text()
+        last_step_before = last_logged_step(local_metrics)
         if expected_resume_step is not None:
             assert f"Resuming run {run_id} from step {expected_resume_step}" in log_text
 

@@ -378,15 +378,17 @@ def test_uploader_submit_then_runs_after_upload(store, tmp_path):
     uploader = BackgroundUploader(store, max_workers=2)
     for path in sources:
         key = f"ckpt/{path.name}"
-        uploader.submit_then(path, key, lambda key=key: seen_at_callback.append(store.exists(key)))
+        expected_sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+        uploader.submit_then(path, key, lambda sha256, key=key, expected=expected_sha256:
+                             seen_at_callback.append((store.exists(key), sha256 == expected)))
     uploader.close()
-    assert seen_at_callback == [True] * 5
+    assert seen_at_callback == [(True, True)] * 5
 
 
 def test_uploader_failure_skips_callback_and_raises(store, tmp_path):
     called = []
     uploader = BackgroundUploader(store)
-    uploader.submit_then(tmp_path / "missing.ckpt", "ckpt/missing.ckpt", lambda: called.append(1))
+    uploader.submit_then(tmp_path / "missing.ckpt", "ckpt/missing.ckpt", lambda sha256: called.append(1))
     with pytest.raises(StorageError, match="missing.ckpt"):
         uploader.wait()
     uploader.close()

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from fashion_gan.runner.spec import RunOptions, build_command, parse_floyd_text, resolve_job
@@ -42,6 +43,7 @@ def sweep_runs(tmp_path_factory) -> list[Path]:
     result = run_train([
         "-m", "experiment=fashion_mnist", "data.image_size=16", *TINY_MODEL, "trainer.max_steps=4",
         "trainer.log_every_n_steps=2", "run.sample_every_n_steps=2", "run.checkpoint_every_n_steps=4",
+        "model.ema_start_step=0",
         "metrics=fid", "metrics.num_samples=64", "metrics.eval_every_n_steps=2", "logger.tags=[dcgan,sweep-test]",
         f"model.lr={','.join(LEARNING_RATES)}", f"run.output={output}",
     ], env={"FASHION_GAN_CACHE": str(work_dir / "cache"), "WANDB_MODE": "offline",
@@ -119,6 +121,14 @@ def test_sweep_logs_generator_artifact(sweep_runs, tmp_path):
         assert set(artifact.aliases) == {"latest", "step-4"}
         [entry] = artifact.manifest.contents
         assert entry.path == "generator.pt"
+        # The artifact holds the weight average, which differs from the trained generator after 4 steps.
+        weights = torch.load(entry.local_path, map_location="cpu", weights_only=False)["state_dict"]
+        checkpoint = torch.load(run_dir / "checkpoints" / "step_000004.ckpt", map_location="cpu",
+                                weights_only=False)["state_dict"]
+        assert weights.keys() == {key for key in checkpoint if key.startswith("generator.")}
+        assert all(torch.equal(value, checkpoint[f"generator_ema.{key.removeprefix('generator.')}"])
+                   for key, value in weights.items())
+        assert not all(torch.equal(value, checkpoint[key]) for key, value in weights.items())
         # The staged copy, which `wandb sync` uploads, loads like a checkpoint.
         generator = load_generator(entry.local_path)
         assert generator.image_size == 16

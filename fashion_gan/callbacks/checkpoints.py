@@ -3,10 +3,15 @@
 import errno
 import logging
 import os
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from lightning_fabric.utilities.apply_func import apply_to_collection
+from pytorch_lightning.plugins import TorchCheckpointIO
 
 from fashion_gan.callbacks.pusher import OutputPusher
 from fashion_gan.errors import StorageError, TrainingDivergedError
@@ -15,18 +20,78 @@ from fashion_gan.run_outputs import checkpoint_name
 log = logging.getLogger(__name__)
 
 
+class BackgroundCheckpointIO(TorchCheckpointIO):
+    """Write checkpoints on one background thread, so a training step does not wait for the disk.
+
+    `save_checkpoint` copies the checkpoint's tensors on the calling thread (tens of milliseconds for a
+    64x64 DCGAN with its optimizer states), then returns; serialising and writing them (about half a
+    second for its 90 MB on the benchmark machine) happen on the writer thread. `expect(path, then)`
+    registers what runs on that thread after `path` is written, and how an OSError of the write is
+    reported. At most one write is in flight: the next `wait()` blocks until it is done and re-raises
+    its error.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: Future | None = None
+        self._handlers: dict[str, tuple[Callable[[], None], Callable[[OSError], Exception]]] = {}
+
+    def expect(self, path: Path, then: Callable[[], None], on_error: Callable[[OSError], Exception]) -> None:
+        """Run `then()` on the writer thread once `path` is written; raise `on_error(error)` when the write fails."""
+        self._handlers[str(path)] = (then, on_error)
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        self.wait()
+        # Training goes on changing the weights in place, so the writer gets a copy taken now.
+        snapshot = apply_to_collection(checkpoint, torch.Tensor, lambda tensor: tensor.detach().clone())
+        handlers = self._handlers.pop(str(path), None)
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+        self._pending = self._executor.submit(self._write, snapshot, path, storage_options, handlers)
+
+    def _write(self, snapshot: dict[str, Any], path, storage_options: Any | None, handlers) -> None:
+        if handlers is None:
+            super().save_checkpoint(snapshot, path, storage_options)
+            return
+        then, on_error = handlers
+        try:
+            super().save_checkpoint(snapshot, path, storage_options)
+        except OSError as error:
+            raise on_error(error) from error
+        then()
+
+    def wait(self) -> None:
+        """Block until the write in flight, if any, is done; re-raise its error."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def teardown(self) -> None:
+        try:
+            self.wait()
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+
+
 class CheckpointPushCallback(pl.Callback):
     """Save `checkpoints/step_NNNNNN.ckpt` every `every_n_steps` and at the end, and push each one.
 
     A checkpoint is saved to a temporary name and renamed, so a crash or a full disk never leaves a
     partial file under a checkpoint's name. `last.ckpt` and the pointer in storage move only afterwards.
+    The Trainer must use `checkpoint_io` as its checkpoint plugin: the file is written on its
+    background thread, and a failed write raises StorageError at the next save or at the end of training.
     """
 
     def __init__(self, local_run_dir: Path, every_n_steps: int, pusher: OutputPusher) -> None:
         self.checkpoint_dir = local_run_dir / "checkpoints"
         self.every_n_steps = every_n_steps
         self.pusher = pusher
-        self.last_saved_step: int | None = None
+        self.checkpoint_io = BackgroundCheckpointIO()
+        self.last_requested_step: int | None = None
+        self.last_saved_step: int | None = None  # the last step whose file is written and renamed
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -35,37 +100,54 @@ class CheckpointPushCallback(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.save(trainer, pl_module)
+        self.checkpoint_io.wait()
 
-    def save(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Path | None:
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # Finish the write in flight, so the last good checkpoint is complete, without hiding `exception`.
+        try:
+            self.checkpoint_io.wait()
+        except Exception as error:
+            log.error("%s", error)
+
+    def save(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Save and push a checkpoint of the current step, unless this step is already saved."""
         step = trainer.global_step
-        if step == self.last_saved_step or step == 0:
-            return None
+        if step == self.last_requested_step or step == 0:
+            return
+        # A failed earlier write stops training here, before another step depends on it.
+        self.checkpoint_io.wait()
         _require_finite_weights(pl_module, step)
-
         final_path = self.checkpoint_dir / checkpoint_name(step)
         temporary_path = final_path.with_suffix(".ckpt.partial")
+        if trainer.is_global_zero:
+            self.checkpoint_io.expect(temporary_path, then=lambda: self._finish(temporary_path, final_path, step),
+                                      on_error=lambda error: self._write_error(error, temporary_path, final_path, step))
         # Every rank takes part in save_checkpoint (a collective under DDP); only rank zero writes.
         try:
             trainer.save_checkpoint(temporary_path)
-            if trainer.is_global_zero:
-                os.replace(temporary_path, final_path)
-                _replace_link(final_path, self.checkpoint_dir / "last.ckpt")
         except OSError as error:
-            if trainer.is_global_zero:
-                temporary_path.unlink(missing_ok=True)
-            free = "the disk is full" if error.errno == errno.ENOSPC else f"the write failed ({error.strerror})"
-            raise StorageError(
-                f"Could not write the checkpoint of step {step} to {final_path}: {free}. "
-                f"The previous checkpoint (step {self.last_saved_step}) is kept. Free disk space and rerun "
-                f"with the same run.id to resume."
-            ) from error
+            raise self._write_error(error, temporary_path, final_path, step) from error
+        self.last_requested_step = step
 
+    def _finish(self, temporary_path: Path, final_path: Path, step: int) -> None:
+        """On the writer thread: rename the written file, link last.ckpt to it, push it."""
+        try:
+            os.replace(temporary_path, final_path)
+            _replace_link(final_path, self.checkpoint_dir / "last.ckpt")
+        except OSError as error:
+            raise self._write_error(error, temporary_path, final_path, step) from error
         self.last_saved_step = step
-        if trainer.is_global_zero:
-            log.info("Saved checkpoint %s", final_path)
-            self.pusher.push_checkpoint(final_path, step)
-        return final_path
+        log.info("Saved checkpoint %s", final_path)
+        self.pusher.push_checkpoint(final_path, step)
+
+    def _write_error(self, error: OSError, temporary_path: Path, final_path: Path, step: int) -> StorageError:
+        temporary_path.unlink(missing_ok=True)
+        free = "the disk is full" if error.errno == errno.ENOSPC else f"the write failed ({error.strerror})"
+        return StorageError(
+            f"Could not write the checkpoint of step {step} to {final_path}: {free}. "
+            f"The previous checkpoint (step {self.last_saved_step}) is kept. Free disk space and rerun "
+            f"with the same run.id to resume."
+        )
 
 
 def _require_finite_weights(pl_module: pl.LightningModule, step: int) -> None:

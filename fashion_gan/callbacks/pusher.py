@@ -40,13 +40,13 @@ class OutputPusher:
     def key_of(self, local_path: Path) -> str:
         return f"{run_prefix(self.run_id)}/{local_path.relative_to(self.local_run_dir).as_posix()}"
 
-    def push(self, local_path: Path, then: Optional[Callable[[], None]] = None) -> None:
-        """Upload one file; run `then()` once the upload is verified (at once when nothing is uploaded)."""
+    def push(self, local_path: Path, then: Optional[Callable[[str], None]] = None) -> None:
+        """Upload one file; run `then(sha256)` once the upload is verified (at once when nothing is uploaded)."""
         if not self.enabled:
             return
         if self._uploader is None:
             if then is not None:
-                then()
+                then(file_sha256(local_path))
             return
         log.debug("Queueing upload of %s to %s", local_path, self.key_of(local_path))
         if then is None:
@@ -55,17 +55,18 @@ class OutputPusher:
             self._uploader.submit_then(local_path, self.key_of(local_path), then)
 
     def push_checkpoint(self, local_path: Path, step: int) -> None:
-        """Upload a checkpoint, then point "latest" and `last.ckpt` at it once its upload is verified."""
+        """Upload a checkpoint, then point "latest" and `last.ckpt` at it once its upload is verified.
+
+        The pointer takes the sha256 that the upload computed on its worker thread, so the training
+        thread does not read the checkpoint a second time.
+        """
         if not self.enabled:
             return
-        pointer = CheckpointPointer(
-            key=local_path.relative_to(self.local_run_dir).as_posix(),
-            step=step,
-            sha256=file_sha256(local_path),
-            size=local_path.stat().st_size,
-        )
+        key = local_path.relative_to(self.local_run_dir).as_posix()
+        size = local_path.stat().st_size
 
-        def move_latest() -> None:
+        def move_latest(sha256: str) -> None:
+            pointer = CheckpointPointer(key=key, step=step, sha256=sha256, size=size)
             prefix = run_prefix(self.run_id)
             if self.needs_upload:
                 self.store.copy(f"{prefix}/{pointer.key}", f"{prefix}/checkpoints/last.ckpt")

@@ -36,7 +36,8 @@ class SampleGridCallback(pl.Callback):
             return
         self.sample_dir.mkdir(parents=True, exist_ok=True)
         real_path = self.sample_dir / "real.png"
-        real = torch.from_numpy(np.ascontiguousarray(self.real_images)).float().div(127.5).sub(1.0)
+        # np.array copies: the images may be a read-only memory map, which torch.from_numpy warns about.
+        real = torch.from_numpy(np.array(self.real_images)).float().div(127.5).sub(1.0)
         _save_grid(real, real_path)
         self.pusher.push(real_path)
 

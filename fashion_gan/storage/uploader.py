@@ -35,11 +35,11 @@ class BackgroundUploader:
         """Queue an upload and return a Future of the uploaded file's sha256."""
         return self.submit_then(local_path, key, None)
 
-    def submit_then(self, local_path: Path, key: str, after: Callable[[], object] | None) -> Future:
-        """Queue an upload and run `after()` on the worker once the upload is verified.
+    def submit_then(self, local_path: Path, key: str, after: Callable[[str], object] | None) -> Future:
+        """Queue an upload and run `after(sha256)` on the worker once the upload is verified.
 
-        `after` does not run when the upload fails. The Future carries the sha256, or the error of
-        the upload or of `after`.
+        `after` receives the uploaded file's hex sha256 and does not run when the upload fails. The
+        Future carries the sha256, or the error of the upload or of `after`.
         """
         with self._lock:
             if self._closed:
@@ -87,7 +87,7 @@ class BackgroundUploader:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
-    def _upload(self, local_path: Path, key: str, after: Callable[[], object] | None,
+    def _upload(self, local_path: Path, key: str, after: Callable[[str], object] | None,
                 previous: Future | None) -> str:
         # Uploads of one key (metrics.csv is pushed with every checkpoint) finish in the order they
         # were submitted, so the newest content is the one that stays. ThreadPoolExecutor's work queue
@@ -97,7 +97,7 @@ class BackgroundUploader:
         try:
             digest = self.store.upload_file(local_path, key)
             if after is not None:
-                after()
+                after(digest)
         except BaseException as err:
             log.error("background upload of %s to %s failed: %s", local_path, self.store.describe(key), err)
             with self._lock:

@@ -1,0 +1,62 @@
+"""Tests for BackgroundCheckpointIO: checkpoints written on a background thread from a snapshot."""
+
+from __future__ import annotations
+
+import errno
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from fashion_gan.callbacks.checkpoints import BackgroundCheckpointIO
+from fashion_gan.errors import StorageError
+
+
+def test_written_checkpoint_holds_values_at_save_time(tmp_path: Path) -> None:
+    weights = torch.arange(6, dtype=torch.float32)
+    checkpoint = {"state_dict": {"layer.weight": weights}, "global_step": 3, "nested": [weights[:2]]}
+    writer = BackgroundCheckpointIO()
+    written = threading.Event()
+    path = tmp_path / "step.ckpt"
+    writer.expect(path, then=written.set, on_error=lambda error: StorageError(str(error)))
+
+    writer.save_checkpoint(checkpoint, path)
+    # The training step goes on updating the weights in place while the writer thread works.
+    weights.add_(100.0)
+    writer.wait()
+
+    assert written.is_set()
+    loaded = torch.load(path, weights_only=True)
+    assert torch.equal(loaded["state_dict"]["layer.weight"], torch.arange(6, dtype=torch.float32))
+    assert torch.equal(loaded["nested"][0], torch.tensor([0.0, 1.0]))
+    assert loaded["global_step"] == 3
+    writer.teardown()
+
+
+def test_failed_write_raises_the_callers_error_at_wait(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the checkpoint folder should be")
+    path = blocker / "step.ckpt"
+    writer = BackgroundCheckpointIO()
+    seen_errors: list[OSError] = []
+    finished: list[bool] = []
+
+    def on_error(error: OSError) -> Exception:
+        seen_errors.append(error)
+        return StorageError(f"could not write {path}")
+
+    writer.expect(path, then=lambda: finished.append(True), on_error=on_error)
+    writer.save_checkpoint({"global_step": 1}, path)
+
+    with pytest.raises(StorageError, match="could not write"):
+        writer.wait()
+    assert finished == []
+    assert len(seen_errors) == 1
+    assert seen_errors[0].errno in (errno.ENOTDIR, errno.EEXIST)
+    # The error is reported once; the writer then accepts the next checkpoint.
+    writer.wait()
+    good_path = tmp_path / "next.ckpt"
+    writer.save_checkpoint({"global_step": 2}, good_path)
+    writer.teardown()
+    assert torch.load(good_path, weights_only=True)["global_step"] == 2
