@@ -64,7 +64,7 @@ def settings_from(arguments: argparse.Namespace, work_dir: Path) -> BenchSetting
         settings.batch_size, settings.latent_dim = 16, 16
         settings.warmup_steps, settings.measure_steps, settings.repeats = 1, 2, 1
         arguments.upload_steps, arguments.startup_repeats = 26, 1
-        arguments.fid_steps, arguments.fid_samples = 2, 100
+        arguments.fid_steps, arguments.fid_samples, arguments.fid_seeds = 2, 100, "1"
         if Path(arguments.data_dir).is_dir():
             settings.data_dir = str(copy_photo_subset(Path(arguments.data_dir), work_dir / "photos",
                                                       QUICK_IMAGES_PER_CLASS))

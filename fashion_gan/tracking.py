@@ -154,7 +154,7 @@ def log_generator_artifact(run: Optional[Any], module, work_dir: Path, summary: 
     import torch
     import wandb
 
-    # The weight average when the run keeps one: it is what the sample grids, val/fid and generate use.
+    # Log the weight average when the run keeps one, because the sample grids, val/fid and generate use it.
     trained = module.generator_ema if getattr(module, "generator_ema", None) is not None else module.generator
     generator = getattr(trained, "_orig_mod", trained)  # unwrap torch.compile
     payload = {

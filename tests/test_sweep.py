@@ -121,7 +121,7 @@ def test_sweep_logs_generator_artifact(sweep_runs, tmp_path):
         assert set(artifact.aliases) == {"latest", "step-4"}
         [entry] = artifact.manifest.contents
         assert entry.path == "generator.pt"
-        # The artifact holds the weight average, which differs from the trained generator after 4 steps.
+        # The artifact contains the weight average, which differs from the trained generator after 4 steps.
         weights = torch.load(entry.local_path, map_location="cpu", weights_only=False)["state_dict"]
         checkpoint = torch.load(run_dir / "checkpoints" / "step_000004.ckpt", map_location="cpu",
                                 weights_only=False)["state_dict"]
