@@ -27,6 +27,7 @@ FASHION_MNIST_BENCHMARKS = frozenset({"fid"})
 # The fid benchmark trains two recipes for minutes each, which would take `make bench` past 15 minutes on
 # 2 cores. So it runs only with `--only fid`, and a run without it reports the figures it recorded last.
 DEFAULT_BENCHMARKS = tuple(name for name in ALL_BENCHMARKS if name != "fid")
+DEFAULT_FID_SEEDS = "1,2,3,4,5"
 RESULTS_PATH = Path(__file__).resolve().parent / "RESULTS.md"
 QUICK_IMAGES_PER_CLASS = 8
 
@@ -44,8 +45,9 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--startup-repeats", type=int, default=3, help="runs of the start-up benchmark")
     parser.add_argument("--fid-steps", type=int, default=FidSettings.steps,
                         help="training steps of each recipe in the fid benchmark")
-    parser.add_argument("--fid-seeds", default="1,2,3,4,5",
-                        help="comma-separated seeds of the fid benchmark, one run each")
+    parser.add_argument("--fid-seeds", default=None,
+                        help=f"comma-separated seeds of the fid benchmark, one run each "
+                             f"(default: {DEFAULT_FID_SEEDS}; 1 with --quick)")
     parser.add_argument("--fid-samples", type=int, default=FidSettings.num_samples,
                         help="generated (and real) images per FID score")
     parser.add_argument("--data-dir", default=BenchSettings.data_dir, help="folder of photos (class subfolders)")
@@ -64,7 +66,8 @@ def settings_from(arguments: argparse.Namespace, work_dir: Path) -> BenchSetting
         settings.batch_size, settings.latent_dim = 16, 16
         settings.warmup_steps, settings.measure_steps, settings.repeats = 1, 2, 1
         arguments.upload_steps, arguments.startup_repeats = 26, 1
-        arguments.fid_steps, arguments.fid_samples, arguments.fid_seeds = 2, 100, "1"
+        arguments.fid_steps, arguments.fid_samples = 2, 100
+        arguments.fid_seeds = arguments.fid_seeds or "1"
         if Path(arguments.data_dir).is_dir():
             settings.data_dir = str(copy_photo_subset(Path(arguments.data_dir), work_dir / "photos",
                                                       QUICK_IMAGES_PER_CLASS))
@@ -155,7 +158,7 @@ def bench_framework(settings: BenchSettings) -> dict:
 
 def bench_fid_recipe(arguments: argparse.Namespace, work_dir: Path, command: str) -> dict:
     """Run benchmarks/fid_recipe.py and keep its figures in FID_RESULTS_PATH, unless this is a quick run."""
-    seeds = [int(seed) for seed in arguments.fid_seeds.split(",") if seed.strip()]
+    seeds = [int(seed) for seed in (arguments.fid_seeds or DEFAULT_FID_SEEDS).split(",") if seed.strip()]
     settings = FidSettings(steps=arguments.fid_steps, num_samples=arguments.fid_samples,
                            work_dir=str(work_dir / "fid"))
     result = bench_fid(settings, seeds)

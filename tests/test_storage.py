@@ -406,3 +406,24 @@ def test_s3_bucket_fixture_sets_environment(s3_server, s3_bucket):
     assert os.environ["AWS_ENDPOINT_URL"] == s3_server
     client = boto3.client("s3")
     assert s3_bucket in [bucket["Name"] for bucket in client.list_buckets()["Buckets"]]
+
+
+def test_latest_pointer_only_moves_forward(store, tmp_path):
+    from fashion_gan.callbacks.pusher import OutputPusher
+    from fashion_gan.run_outputs import CheckpointPointer, read_latest_pointer
+
+    run_dir = tmp_path / "run"
+    checkpoint_dir = run_dir / "checkpoints"
+    checkpoint_dir.mkdir(parents=True)
+    for step in (2, 8):
+        (checkpoint_dir / f"step_{step:06d}.ckpt").write_bytes(f"weights of step {step}".encode())
+        store.write_bytes(f"runs/ordered/checkpoints/step_{step:06d}.ckpt", f"weights of step {step}".encode())
+    pusher = OutputPusher(store, "ordered", run_dir)
+
+    # Step 8's upload finished first; step 2's, retried, finishes after it.
+    pusher.point_latest_at(CheckpointPointer("checkpoints/step_000008.ckpt", 8, "8" * 64, 17))
+    pusher.point_latest_at(CheckpointPointer("checkpoints/step_000002.ckpt", 2, "2" * 64, 17))
+    pusher.close()
+
+    assert read_latest_pointer(store, "ordered").step == 8
+    assert store.read_bytes("runs/ordered/checkpoints/last.ckpt") == b"weights of step 8"

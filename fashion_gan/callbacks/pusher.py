@@ -2,6 +2,7 @@
 
 import hashlib
 import logging
+import threading
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -36,6 +37,8 @@ class OutputPusher:
         self.enabled = enabled
         self.needs_upload = enabled and not _is_same_folder(store, run_id, local_run_dir)
         self._uploader = BackgroundUploader(store, max_workers=max_workers) if self.needs_upload else None
+        self._latest_lock = threading.Lock()
+        self._latest_step = -1  # the step of the latest pointer this pusher wrote
 
     def key_of(self, local_path: Path) -> str:
         return f"{run_prefix(self.run_id)}/{local_path.relative_to(self.local_run_dir).as_posix()}"
@@ -64,16 +67,25 @@ class OutputPusher:
             return
         key = local_path.relative_to(self.local_run_dir).as_posix()
         size = local_path.stat().st_size
+        self.push(local_path, then=lambda sha256: self.point_latest_at(CheckpointPointer(key, step, sha256, size)))
 
-        def move_latest(sha256: str) -> None:
-            pointer = CheckpointPointer(key=key, step=step, sha256=sha256, size=size)
+    def point_latest_at(self, pointer: CheckpointPointer) -> None:
+        """Make `pointer` the run's latest checkpoint, unless a later step already is.
+
+        Uploads finish on several worker threads, so with retries an earlier checkpoint's upload can
+        finish after a later one's. The pointer only moves forward.
+        """
+        with self._latest_lock:
+            if pointer.step <= self._latest_step:
+                log.info("Checkpoint of step %d uploaded after step %d; the latest stays at step %d",
+                         pointer.step, self._latest_step, self._latest_step)
+                return
             prefix = run_prefix(self.run_id)
             if self.needs_upload:
                 self.store.copy(f"{prefix}/{pointer.key}", f"{prefix}/checkpoints/last.ckpt")
             self.store.write_bytes(f"{prefix}/{LATEST_POINTER}", pointer.to_json())
-            log.info("Checkpoint of step %d is now the run's latest (%s)", step, pointer.key)
-
-        self.push(local_path, then=move_latest)
+            self._latest_step = pointer.step
+        log.info("Checkpoint of step %d is now the run's latest (%s)", pointer.step, pointer.key)
 
     def wait(self, timeout_s: Optional[float] = None) -> None:
         """Block until every queued upload has finished; raise StorageError for a failed one."""
