@@ -13,7 +13,7 @@ from fashion_gan.callbacks.checkpoints import BackgroundCheckpointIO
 from fashion_gan.errors import StorageError
 
 
-def test_written_checkpoint_holds_values_at_save_time(tmp_path: Path) -> None:
+def test_checkpoint_keeps_save_time_values(tmp_path: Path) -> None:
     weights = torch.arange(6, dtype=torch.float32)
     checkpoint = {"state_dict": {"layer.weight": weights}, "global_step": 3, "nested": [weights[:2]]}
     writer = BackgroundCheckpointIO()
@@ -34,7 +34,7 @@ def test_written_checkpoint_holds_values_at_save_time(tmp_path: Path) -> None:
     writer.teardown()
 
 
-def test_failed_write_raises_the_callers_error_at_wait(tmp_path: Path) -> None:
+def test_failed_write_raises_at_wait(tmp_path: Path) -> None:
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where the checkpoint folder should be")
     path = blocker / "step.ckpt"

@@ -90,7 +90,7 @@ def test_ema_follows_warmup_schedule():
     assert not torch.equal(next(module.generator_ema.parameters()), next(module.generator.parameters()))
 
 
-def test_ema_copies_generator_until_start_step():
+def test_ema_copies_until_start_step():
     # Steps 0 and 1 come before ema_start_step=2: the average equals the generator. Step 2 is the
     # first averaged one, with decay min(0.9, 1 / 10) = 0.1.
     module = tiny_module(ema_start_step=2)
@@ -117,7 +117,7 @@ def test_ema_copies_generator_until_start_step():
 
 
 @pytest.mark.parametrize("value", [-1, 1.5])
-def test_invalid_ema_start_step_rejected(value):
+def test_invalid_ema_start_rejected(value):
     with pytest.raises(ConfigError, match="ema_start_step"):
         tiny_module(ema_start_step=value)
 

@@ -203,7 +203,7 @@ def test_sigkill_at_ten_points_keeps_latest_loadable(s3_bucket, tmp_path):
     expected_resume_step = None
     last_step_before = 0
     for attempt, kill_step in enumerate(kill_steps):
-        # metrics.csv still holds the previous attempt's rows until this attempt truncates it at its
+        # metrics.csv still contains the previous attempt's rows until this attempt truncates it at its
         # resume step, and the previous attempt may have logged past kill_step before SIGKILL landed.
         # Only a row past every earlier one shows that this attempt has trained.
         kill_step = max(kill_step, last_step_before + 1)

@@ -38,7 +38,7 @@ class OutputPusher:
         self.needs_upload = enabled and not _is_same_folder(store, run_id, local_run_dir)
         self._uploader = BackgroundUploader(store, max_workers=max_workers) if self.needs_upload else None
         self._latest_lock = threading.Lock()
-        self._latest_step = -1  # the step of the latest pointer this pusher wrote
+        self._latest_step = -1  # step of the latest pointer this pusher wrote
 
     def key_of(self, local_path: Path) -> str:
         return f"{run_prefix(self.run_id)}/{local_path.relative_to(self.local_run_dir).as_posix()}"

@@ -230,9 +230,9 @@ class DCGAN(pl.LightningModule):
         starting weights a share of 0.999**1000 = 37 % after 1000 steps. The decay is a Python float
         and the updates are in-place foreach kernels on the device, so this adds no host sync.
 
-        Early in training the generator changes fast, and an average over it lags behind: after 500
-        Fashion-MNIST steps, averaging from step 0 gave val/fid 72.1 against 62.5 for the generator
-        itself (benchmarks/fid_recipe.py, seed 1), hence the later start.
+        Early in training the generator changes fast, so an average over it lags behind. In one
+        500-step Fashion-MNIST run of benchmarks/fid_recipe.py, averaging from step 0 gave val/fid 72.1
+        against 62.5 for the generator itself, hence the later start.
         """
         # NOTE: under trainer.precision=bf16-true the average is stored in bfloat16, whose 8-bit mantissa
         # rounds away updates smaller than ~0.4 % of a weight, so late in training the average barely moves.
