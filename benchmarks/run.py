@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -42,6 +43,11 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--measure-steps", type=int, default=10, help="timed training steps per run")
     parser.add_argument("--upload-steps", type=int, default=50,
                         help="timed steps of the upload-overhead runs (pushes every 25 steps)")
+    parser.add_argument("--upload-rounds", type=int, default=4,
+                        help="rounds of the upload-overhead benchmark, each one run without and one with pushes")
+    parser.add_argument("--framework-steps", type=int, default=20, help="timed steps of each framework-overhead run")
+    parser.add_argument("--framework-rounds", type=int, default=5,
+                        help="rounds of the framework-overhead benchmark, each one plain and one Lightning run")
     parser.add_argument("--startup-repeats", type=int, default=3, help="runs of the start-up benchmark")
     parser.add_argument("--fid-steps", type=int, default=FidSettings.steps,
                         help="training steps of each recipe in the fid benchmark")
@@ -66,6 +72,7 @@ def settings_from(arguments: argparse.Namespace, work_dir: Path) -> BenchSetting
         settings.batch_size, settings.latent_dim = 16, 16
         settings.warmup_steps, settings.measure_steps, settings.repeats = 1, 2, 1
         arguments.upload_steps, arguments.startup_repeats = 26, 1
+        arguments.upload_rounds, arguments.framework_steps, arguments.framework_rounds = 1, 2, 1
         arguments.fid_steps, arguments.fid_samples = 2, 100
         arguments.fid_seeds = arguments.fid_seeds or "1"
         if Path(arguments.data_dir).is_dir():
@@ -124,7 +131,7 @@ def bench_pull(settings: BenchSettings, s3_env: dict[str, str]) -> dict:
     return result
 
 
-def bench_upload(settings: BenchSettings, s3_env: dict[str, str], measure_steps: int) -> dict:
+def bench_upload(settings: BenchSettings, s3_env: dict[str, str], measure_steps: int, rounds: int) -> dict:
     from benchmarks.s3 import create_bucket
 
     upload_settings = BenchSettings.from_json(settings.to_json())
@@ -132,28 +139,56 @@ def bench_upload(settings: BenchSettings, s3_env: dict[str, str], measure_steps:
     bucket = "bench-upload"
     create_bucket(s3_env["AWS_ENDPOINT_URL"], bucket)
     env = {**s3_env, "BENCH_OUTPUT_URI": f"s3://{bucket}/jobs"}
-    rates: dict[str, list[float]] = {"no-pushes": [], "pushes": []}
-    for repeat in range(settings.repeats):
-        order = ("no-pushes", "pushes") if repeat % 2 == 0 else ("pushes", "no-pushes")
-        for variant in order:
-            log.info("upload: %s, repeat %d", variant, repeat + 1)
-            result = run_child("training", upload_settings, variant, env=env)
-            rates[variant].append(images_per_s(result["step_end_times"], settings.warmup_steps, settings.batch_size))
-    return {"rates": {variant: summarize(values) for variant, values in rates.items()},
+    upload_settings.repeats = rounds
+    log.info("upload: %d rounds of no-pushes and pushes in one process", rounds)
+    result = run_child("training", upload_settings, "upload", env=env)
+    runs = result["runs"]
+    costs = {variant: [_cost_above_pre_push_steps(times, settings.warmup_steps) for times in variant_runs]
+             for variant, variant_runs in runs.items()}
+    overheads = [100.0 * (pushes_cost - no_pushes_cost) / pushes_baseline_s
+                 for (pushes_cost, pushes_baseline_s), (no_pushes_cost, _) in zip(costs["pushes"], costs["no-pushes"])]
+    paired = _paired_rates(runs, "no-pushes", "pushes", settings)
+    return {"rates": paired["rates"], "total_overhead_pct": paired["overhead_pct"],
+            "overhead_pct": summarize(overheads), "measure_steps": measure_steps}
+
+
+def _cost_above_pre_push_steps(step_end_times: list[float], warmup_steps: int) -> tuple[float, float]:
+    """Return (seconds the timed steps took beyond the run's pre-push step time, timed steps x that time).
+
+    The pre-push step time is the median step of this run before its first push could act (the push
+    at the end of step PUSH_EVERY_N_STEPS lands in the next step's time). Taking it from the same run
+    takes out the run's own speed, which varied by up to 5 % between back-to-back runs of one variant
+    even before any push.
+    """
+    from benchmarks.training import PUSH_EVERY_N_STEPS
+
+    durations = [end - start for start, end in zip(step_end_times[warmup_steps - 1:], step_end_times[warmup_steps:])]
+    # durations[k] is the time of step warmup_steps + 1 + k.
+    pre_push = durations[:PUSH_EVERY_N_STEPS - warmup_steps]
+    baseline_s = statistics.median(pre_push) * len(durations)
+    return sum(durations) - baseline_s, baseline_s
+
+
+def bench_framework(settings: BenchSettings, measure_steps: int, rounds: int) -> dict:
+    framework_settings = BenchSettings.from_json(settings.to_json())
+    framework_settings.measure_steps, framework_settings.repeats = measure_steps, rounds
+    log.info("framework: %d rounds of plain and lightning in one process", rounds)
+    result = run_child("framework", framework_settings, "alternating")
+    return {**_paired_rates(result["runs"], "plain", "lightning", settings), "precision": result["precision"],
             "measure_steps": measure_steps}
 
 
-def bench_framework(settings: BenchSettings) -> dict:
-    rates: dict[str, list[float]] = {"plain": [], "lightning": []}
-    precision = None
-    for repeat in range(settings.repeats):
-        order = ("plain", "lightning") if repeat % 2 == 0 else ("lightning", "plain")
-        for variant in order:
-            log.info("framework: %s, repeat %d", variant, repeat + 1)
-            result = run_child("framework", settings, variant)
-            precision = result["precision"]
-            rates[variant].append(images_per_s(result["step_end_times"], settings.warmup_steps, settings.batch_size))
-    return {"rates": {variant: summarize(values) for variant, values in rates.items()}, "precision": precision}
+def _paired_rates(runs: dict[str, list[list[float]]], fast: str, slow: str, settings: BenchSettings) -> dict:
+    """Summarise images/s of two variants that ran in alternating rounds, and their overhead per round.
+
+    Each round ran both variants back to back, so its ratio is the comparison least moved by drift in
+    machine speed. The overhead figure is the median of those ratios.
+    """
+    rates = {variant: [images_per_s(times, settings.warmup_steps, settings.batch_size) for times in variant_runs]
+             for variant, variant_runs in runs.items()}
+    overheads = [100.0 * (fast_rate / slow_rate - 1.0) for fast_rate, slow_rate in zip(rates[fast], rates[slow])]
+    return {"rates": {variant: summarize(values) for variant, values in rates.items()},
+            "overhead_pct": summarize(overheads)}
 
 
 def bench_fid_recipe(arguments: argparse.Namespace, work_dir: Path, command: str) -> dict:
@@ -224,9 +259,9 @@ def main(argv: list[str]) -> int:
                 elif name == "pull":
                     results[name] = bench_pull(settings, s3_env)
                 elif name == "upload":
-                    results[name] = bench_upload(settings, s3_env, arguments.upload_steps)
+                    results[name] = bench_upload(settings, s3_env, arguments.upload_steps, arguments.upload_rounds)
                 elif name == "framework":
-                    results[name] = bench_framework(settings)
+                    results[name] = bench_framework(settings, arguments.framework_steps, arguments.framework_rounds)
                 elif name == "startup":
                     results[name] = bench_startup(settings, arguments.startup_repeats)
                 elif name == "fid":

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.serialization import config as serialization_config
 
-from fashion_gan.callbacks.checkpoints import BackgroundCheckpointIO
-from fashion_gan.errors import StorageError
+from fashion_gan.callbacks.checkpoints import BackgroundCheckpointIO, _require_finite_weights
+from fashion_gan.errors import StorageError, TrainingDivergedError
 
 
 def test_checkpoint_keeps_save_time_values(tmp_path: Path) -> None:
@@ -31,6 +32,8 @@ def test_checkpoint_keeps_save_time_values(tmp_path: Path) -> None:
     assert torch.equal(loaded["state_dict"]["layer.weight"], torch.arange(6, dtype=torch.float32))
     assert torch.equal(loaded["nested"][0], torch.tensor([0.0, 1.0]))
     assert loaded["global_step"] == 3
+    # The writer skips the zip CRC32 only while it writes, so other torch.save calls keep it.
+    assert serialization_config.save.compute_crc32 is True
     writer.teardown()
 
 
@@ -60,3 +63,28 @@ def test_failed_write_raises_at_wait(tmp_path: Path) -> None:
     writer.save_checkpoint({"global_step": 2}, good_path)
     writer.teardown()
     assert torch.load(good_path, weights_only=True)["global_step"] == 2
+
+
+def two_layer_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+
+
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf"), float("-inf")])
+def test_weight_check_names_bad_parameter(bad_value: float) -> None:
+    model = two_layer_model()
+    _require_finite_weights(model, step=7)  # finite weights pass
+
+    with torch.no_grad():
+        model[1].bias[1] = bad_value
+    with pytest.raises(TrainingDivergedError, match=r"Parameter '1\.bias' is NaN or infinite at step 7"):
+        _require_finite_weights(model, step=7)
+
+
+def test_weight_check_rejects_norm_overflow() -> None:
+    model = two_layer_model()
+    with torch.no_grad():
+        model[0].weight.fill_(1e30)  # finite, but its square is not
+
+    with pytest.raises(TrainingDivergedError, match="The weights' norm overflows float32 at step 3"):
+        _require_finite_weights(model, step=3)

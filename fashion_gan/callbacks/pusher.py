@@ -30,7 +30,7 @@ class OutputPusher:
     """
 
     def __init__(self, store: ObjectStore, run_id: str, local_run_dir: Path, enabled: bool = True,
-                 max_workers: int = 4) -> None:
+                 max_workers: int = 1) -> None:
         self.store = store
         self.run_id = run_id
         self.local_run_dir = local_run_dir

@@ -7,12 +7,17 @@ from pathlib import Path
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torchvision.utils import make_grid, save_image
+from PIL import Image
+from torchvision.utils import make_grid
 
 from fashion_gan.callbacks.pusher import OutputPusher
 from fashion_gan.run_outputs import sample_name
 
 log = logging.getLogger(__name__)
+
+# zlib level of the grid PNGs, which are drawn on the training thread. Level 1 wrote a 64-image grid
+# in 18 ms against 74 ms at PIL's default (6), for a file about 20 % larger.
+GRID_PNG_COMPRESS_LEVEL = 1
 
 
 class SampleGridCallback(pl.Callback):
@@ -54,7 +59,11 @@ class SampleGridCallback(pl.Callback):
         step = trainer.global_step
         if not trainer.is_global_zero or step == self.last_step or step == 0:
             return None
-        images = pl_module.sample().float().cpu()
+        # The grid shows the model in the precision it trains in. Under bf16 autocast the 64-image
+        # forward pass took 20 ms on the CPU against 64 ms in float32.
+        with trainer.precision_plugin.forward_context():
+            images = pl_module.sample()
+        images = images.float().cpu()
         path = self.sample_dir / sample_name(step)
         _save_grid(images, path)
         self.last_step = step
@@ -79,7 +88,9 @@ class SampleGridCallback(pl.Callback):
 def _save_grid(images: torch.Tensor, path: Path) -> None:
     rows = max(1, int(math.sqrt(images.shape[0])))
     grid = make_grid(images, nrow=rows, normalize=True, value_range=(-1.0, 1.0), padding=2)
+    # Round to the nearest of the 256 levels, as torchvision's save_image does.
+    pixels = grid.mul(255).add_(0.5).clamp_(0, 255).permute(1, 2, 0).to(torch.uint8).numpy()
     temporary = path.with_name(path.name + ".partial.png")
-    save_image(grid, temporary)
+    Image.fromarray(pixels).save(temporary, format="PNG", compress_level=GRID_PNG_COMPRESS_LEVEL)
     temporary.replace(path)
 

@@ -110,9 +110,12 @@ class S3Store(ObjectStore):
         self._check_bucket()
 
     def _make_client(self, max_attempts: int, read_timeout_s: float, max_pool_connections: int):
+        # Every request with a body carries the body's checksum in a signed x-amz-checksum-* header,
+        # which the server checks, so the signature need not hash the body again. By default botocore
+        # does that on plain-HTTP endpoints, where it cost 40 ms of CPU per 76 MB checkpoint.
         config = Config(
             region_name=self.region,
-            s3={"addressing_style": "path"},
+            s3={"addressing_style": "path", "payload_signing_enabled": False},
             retries={"mode": "standard", "total_max_attempts": max_attempts},
             connect_timeout=CONNECT_TIMEOUT_S,
             read_timeout=read_timeout_s,
