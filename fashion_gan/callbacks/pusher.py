@@ -27,6 +27,8 @@ class OutputPusher:
 
     When the output store already is the local run folder (a `file://` output), nothing is copied and
     only the latest-checkpoint pointer is written. Non-zero ranks of a distributed job never push.
+    Uploads run on one thread by default. On a CPU whose cores all train, each further runnable
+    thread stalls the training threads, and a checkpoint step pushes only a few files.
     """
 
     def __init__(self, store: ObjectStore, run_id: str, local_run_dir: Path, enabled: bool = True,
@@ -72,8 +74,8 @@ class OutputPusher:
     def point_latest_at(self, pointer: CheckpointPointer) -> None:
         """Make `pointer` the run's latest checkpoint, unless a later step already is.
 
-        Uploads finish on several worker threads, so with retries an earlier checkpoint's upload can
-        finish after a later one's. The pointer only moves forward.
+        With more than one upload thread, an earlier checkpoint's upload can finish after a later
+        one's (after retries, say). The pointer only moves forward.
         """
         with self._latest_lock:
             if pointer.step <= self._latest_step:
