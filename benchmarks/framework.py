@@ -5,9 +5,9 @@ fixed uint8 batch, repeated every step, with the precision that `trainer.precisi
   lightning   pl.Trainer.fit on fashion_gan.models.DCGAN (its training_step with seeding,
               NaN checks and logging), no callbacks besides the step timer
   plain       the same D and G updates written as a plain PyTorch loop under torch.autocast
-  alternating `settings.repeats` rounds of both in this one process, the order alternating between
-              rounds, so both sides share the process's memory layout and thread placement (which
-              moved single runs by up to 8 % between processes)
+The process runs `settings.repeats` rounds of both, the order alternating between rounds, so both
+sides share the process's memory layout and thread placement. Single runs in separate processes
+differed by up to 8 %.
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def train_plain(settings: BenchSettings, precision: str, steps: int) -> list[flo
 
 
 def train_alternating(settings: BenchSettings, precision: str, steps: int) -> dict[str, list[list[float]]]:
-    """Run plain and Lightning training `settings.repeats` times each in this process, alternating."""
+    """Run plain and Lightning training `settings.repeats` times each in this process, alternating the order."""
     trainers = {"plain": train_plain, "lightning": train_lightning}
     runs: dict[str, list[list[float]]] = {variant: [] for variant in trainers}
     for round_number in range(settings.repeats):
@@ -133,12 +133,7 @@ def main(argv: list[str]) -> None:
 
     precision = resolve_precision("auto", "cpu")
     steps = settings.warmup_steps + settings.measure_steps
-    if arguments.variant == "alternating":
-        result = {"runs": train_alternating(settings, precision, steps)}
-    else:
-        train = train_lightning if arguments.variant == "lightning" else train_plain
-        result = {"step_end_times": train(settings, precision, steps)}
-    write_result(arguments.result, {**result, "precision": precision})
+    write_result(arguments.result, {"runs": train_alternating(settings, precision, steps), "precision": precision})
 
 
 if __name__ == "__main__":

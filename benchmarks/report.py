@@ -176,9 +176,9 @@ def _upload_lines(result: dict, context: dict, figures: dict) -> list[str]:
                      f"({summary['spread_pct']:.0f} %) |")
     lines += ["",
               f"Overhead: {overhead:.1f} % of the step time (median over rounds; per round: {_percentages(overheads)}). "
-              "Per run, the cost is the time of the timed steps beyond that run's median step before its first "
-              f"push, times the steps; the overhead is the pushes run's cost minus its paired no-pushes run's, over "
-              "the pushes run's time at its pre-push step time.",
+              "A run's cost is the total time of its timed steps minus the steps multiplied by its median step time "
+              "before its first push. Each round's overhead is the pushes run's cost minus the no-pushes run's cost, "
+              "as a share of the pushes run's steps at that pre-push step time.",
               "",
               f"Compared by totals instead (no-pushes images/s over pushes images/s, per round): "
               f"{totals['median']:.1f} % (per round: {_percentages(totals)}). Back-to-back runs of the same variant "

@@ -19,6 +19,7 @@ from pathlib import Path
 from benchmarks import report
 from benchmarks.common import BenchSettings, images_per_s, load_average, machine_facts, run_child, summarize
 from benchmarks.fid_recipe import FID_RESULTS_PATH, FidSettings, bench_fid
+from benchmarks.training import PUSH_EVERY_N_STEPS
 
 log = logging.getLogger("benchmarks")
 
@@ -153,15 +154,13 @@ def bench_upload(settings: BenchSettings, s3_env: dict[str, str], measure_steps:
 
 
 def _cost_above_pre_push_steps(step_end_times: list[float], warmup_steps: int) -> tuple[float, float]:
-    """Return (seconds the timed steps took beyond the run's pre-push step time, timed steps x that time).
+    """Return the seconds the timed steps took beyond the run's pre-push pace, and that pace's total.
 
-    The pre-push step time is the median step of this run before its first push could act (the push
-    at the end of step PUSH_EVERY_N_STEPS lands in the next step's time). Taking it from the same run
-    takes out the run's own speed, which varied by up to 5 % between back-to-back runs of one variant
-    even before any push.
+    The pre-push pace is the run's median step time before its first push could act (the push at
+    the end of step PUSH_EVERY_N_STEPS lands in the next step's time), and its total is that time
+    multiplied by the timed steps. Taking the pace from the same run removes the run's own speed,
+    which varied by up to 5 % between back-to-back runs of one variant even before any push.
     """
-    from benchmarks.training import PUSH_EVERY_N_STEPS
-
     durations = [end - start for start, end in zip(step_end_times[warmup_steps - 1:], step_end_times[warmup_steps:])]
     # durations[k] is the time of step warmup_steps + 1 + k.
     pre_push = durations[:PUSH_EVERY_N_STEPS - warmup_steps]
@@ -173,20 +172,21 @@ def bench_framework(settings: BenchSettings, measure_steps: int, rounds: int) ->
     framework_settings = BenchSettings.from_json(settings.to_json())
     framework_settings.measure_steps, framework_settings.repeats = measure_steps, rounds
     log.info("framework: %d rounds of plain and lightning in one process", rounds)
-    result = run_child("framework", framework_settings, "alternating")
+    result = run_child("framework", framework_settings)
     return {**_paired_rates(result["runs"], "plain", "lightning", settings), "precision": result["precision"],
             "measure_steps": measure_steps}
 
 
-def _paired_rates(runs: dict[str, list[list[float]]], fast: str, slow: str, settings: BenchSettings) -> dict:
-    """Summarise images/s of two variants that ran in alternating rounds, and their overhead per round.
+def _paired_rates(runs: dict[str, list[list[float]]], baseline: str, candidate: str, settings: BenchSettings) -> dict:
+    """Summarise images/s of two variants that ran in alternating rounds, and the candidate's overhead per round.
 
     Each round ran both variants back to back, so its ratio is the comparison least moved by drift in
     machine speed. The overhead figure is the median of those ratios.
     """
     rates = {variant: [images_per_s(times, settings.warmup_steps, settings.batch_size) for times in variant_runs]
              for variant, variant_runs in runs.items()}
-    overheads = [100.0 * (fast_rate / slow_rate - 1.0) for fast_rate, slow_rate in zip(rates[fast], rates[slow])]
+    overheads = [100.0 * (baseline_rate / candidate_rate - 1.0)
+                 for baseline_rate, candidate_rate in zip(rates[baseline], rates[candidate])]
     return {"rates": {variant: summarize(values) for variant, values in rates.items()},
             "overhead_pct": summarize(overheads)}
 

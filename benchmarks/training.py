@@ -51,7 +51,8 @@ def project_overrides(settings: BenchSettings, variant: str, run_id: str) -> lis
     return overrides
 
 
-# Filled by TimedMetricsCallback during one train_project call.
+# Step end times and the first step's wall-clock time, recorded by TimedMetricsCallback during one
+# train_project call.
 _step_end_times: list[float] = []
 _first_step_wall: list[float] = []
 
@@ -98,7 +99,7 @@ def train_project(settings: BenchSettings, variant: str, run_number: int = 0) ->
 
 
 def train_upload_rounds(settings: BenchSettings) -> dict:
-    """Alternate no-pushes and pushes runs in this process; return each variant's step end times per round."""
+    """Alternate no-pushes and pushes runs in this process and return each variant's step end times per round."""
     variants = ("no-pushes", "pushes")
     runs: dict[str, list[list[float]]] = {variant: [] for variant in variants}
     for round_number in range(settings.repeats):

@@ -25,7 +25,7 @@ class BackgroundCheckpointIO(TorchCheckpointIO):
     """Write checkpoints on one background thread, so a training step does not wait for the disk.
 
     `save_checkpoint` copies the checkpoint's tensors on the calling thread and returns. For a 64x64
-    DCGAN with its optimizer states (76 MB) the copy took about 30 ms on the benchmark machine, and
+    DCGAN with its optimizer states (76 MB) the copy took 10 to 30 ms on the benchmark machine, and
     serialising and writing it on the writer thread about 30 ms of CPU. `expect(path, then)`
     registers what runs on that thread after `path` is written, and how an OSError of the write is
     reported. At most one write is in flight: the next `wait()` blocks until it is done and re-raises
@@ -70,8 +70,9 @@ class BackgroundCheckpointIO(TorchCheckpointIO):
         not a path, goes to torch.save, so a full disk raises OSError (ENOSPC) rather than a
         RuntimeError of the C++ writer. Remote paths keep Lightning's fsspec writer.
 
-        The zip records get no CRC32: torch.load never checks it, and every pushed checkpoint gets a
-        sha256 that uploads, downloads and the latest pointer verify. Computing it took 45 of torch.save's
+        The zip records get no CRC32. torch.load does not check it (with torch 2.14, a file with one
+        corrupted byte loaded), and every pushed checkpoint gets a sha256 that uploads, downloads and
+        the latest pointer verify. Computing it took 45 of torch.save's
         70 ms. NOTE: the switch is process-wide while this write runs, so a torch.save on another
         thread at that moment also skips it; that file still loads.
         """
