@@ -25,7 +25,7 @@ class BackgroundCheckpointIO(TorchCheckpointIO):
     """Write checkpoints on one background thread, so a training step does not wait for the disk.
 
     `save_checkpoint` copies the checkpoint's tensors on the calling thread and returns. For a 64x64
-    DCGAN with its optimizer states (76 MB) the copy took 10 to 30 ms on the benchmark machine, and
+    DCGAN with its optimizer states (90 MB) the copy took 10 to 30 ms on the benchmark machine, and
     serialising and writing it on the writer thread about 30 ms of CPU. `expect(path, then)`
     registers what runs on that thread after `path` is written, and how an OSError of the write is
     reported. At most one write is in flight: the next `wait()` blocks until it is done and re-raises
@@ -66,7 +66,7 @@ class BackgroundCheckpointIO(TorchCheckpointIO):
         """Serialise `snapshot` straight into the file at `path`.
 
         TorchCheckpointIO serialises into an in-memory buffer and then copies the buffer to the file,
-        which took 0.1 to 0.3 s of CPU per 76 MB checkpoint against 0.03 s for this. A file object,
+        which took 0.1 to 0.3 s of CPU per 90 MB checkpoint against 0.03 s for this. A file object,
         not a path, goes to torch.save, so a full disk raises OSError (ENOSPC) rather than a
         RuntimeError of the C++ writer. Remote paths keep Lightning's fsspec writer.
 

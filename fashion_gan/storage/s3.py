@@ -65,6 +65,10 @@ PROBE_READ_TIMEOUT_S = 8
 BODY_READ_ATTEMPTS = 5
 # Larger files go through s3transfer's multipart upload (a single PUT is limited to 5 GiB).
 MULTIPART_THRESHOLD_BYTES = 256 * 1024 * 1024
+# Objects up to this size are copied with one CopyObject request, S3's limit for it; larger ones
+# part by part. s3transfer's default threshold of 8 MiB copied a 90 MB checkpoint in 11 parts (14
+# requests), which cost the loopback moto server 1 s of CPU instead of 0.2 s.
+SINGLE_COPY_MAX_BYTES = 5 * 1024**3
 # Files up to this size are read into memory before their upload (see S3Store.upload_file).
 SNAPSHOT_UPLOAD_MAX_BYTES = 32 * 1024 * 1024
 # Metadata entry (x-amz-meta-sha256) holding the hex sha256 of the object's bytes. A multipart
@@ -112,7 +116,7 @@ class S3Store(ObjectStore):
     def _make_client(self, max_attempts: int, read_timeout_s: float, max_pool_connections: int):
         # Every request with a body carries the body's checksum in a signed x-amz-checksum-* header,
         # which the server checks, so the signature need not hash the body again. By default botocore
-        # does that on plain-HTTP endpoints, where it cost 40 ms of CPU per 76 MB checkpoint.
+        # does that on plain-HTTP endpoints, where it cost 40 ms of CPU per 90 MB checkpoint.
         config = Config(
             region_name=self.region,
             s3={"addressing_style": "path", "payload_signing_enabled": False},
@@ -199,9 +203,10 @@ class S3Store(ObjectStore):
 
     def copy(self, src_key: str, dst_key: str) -> None:
         with self._translate_errors("copy", src_key):
-            # Managed copy: switches to multipart copy above 5 GiB and keeps the metadata.
+            # Managed copy: one request up to 5 GiB, multipart above; both keep the metadata.
             self.client.copy(
-                {"Bucket": self.bucket, "Key": self._full_key(src_key)}, self.bucket, self._full_key(dst_key)
+                {"Bucket": self.bucket, "Key": self._full_key(src_key)}, self.bucket, self._full_key(dst_key),
+                Config=TransferConfig(multipart_threshold=SINGLE_COPY_MAX_BYTES + 1),
             )
 
     def delete(self, key: str) -> None:
