@@ -147,7 +147,9 @@ def _pull_lines(result: dict, context: dict, figures: dict) -> list[str]:
     lines = ["## Dataset pull from the loopback S3 server", "",
              f"{result['file_count']} photos on a moto server on 127.0.0.1, stored as a versioned dataset (tar "
              "shards) and as one object per photo. Each pull starts from an empty folder except the cached "
-             f"re-pull. Files checked after the last repeat: {result['checked_counts']}.", "",
+             "re-pull. The plain prefix pull and boto3 one at a time run in the first "
+             f"{timings['boto3_one_by_one']['n']} repeat(s) only. Files counted after each method's last repeat: "
+             f"{result['checked_counts']}.", "",
              "| method | median | min - max (spread) | times slower than the first dataset pull |",
              "| --- | --- | --- | --- |"]
     for name, label in labels.items():
@@ -162,27 +164,43 @@ def _pull_lines(result: dict, context: dict, figures: dict) -> list[str]:
 
 def _upload_lines(result: dict, context: dict, figures: dict) -> list[str]:
     rates, overheads, totals = result["rates"], result["overhead_pct"], result["total_overhead_pct"]
-    overhead = overheads["median"]
+    overhead, extra = overheads["median"], result["extra_ms"]
     figures["upload_overhead_pct"] = overhead
+    whole_periods = result["measure_steps"] % PUSH_EVERY_N_STEPS == 0
+    periods = ", so they hold whole push periods" if whole_periods else " (not a whole number of push periods)"
     lines = ["## Upload overhead", "",
-             f"The project writing its run to the moto S3 server, {result['measure_steps']} timed steps: with a "
-             f"checkpoint and a sample grid pushed every {PUSH_EVERY_N_STEPS} steps (uploads in background threads) "
-             f"vs with no pushes during the timed steps. {overheads['n']} rounds in one process, each running both variants "
-             "back to back, the order alternating between rounds.", "",
-             "| variant | median | min - max (spread) |", "| --- | --- | --- |"]
+             f"The project writing its run to the moto S3 server: with a checkpoint and a sample grid pushed every "
+             f"{PUSH_EVERY_N_STEPS} steps (uploads on a background thread) vs with no pushes. Each run trains "
+             f"{PUSH_EVERY_N_STEPS + result['measure_steps']} steps. The timed steps are the {result['measure_steps']} "
+             f"after step {PUSH_EVERY_N_STEPS}, the first push{periods}: the step that takes the push's work on the "
+             f"training thread and the steps during its uploads. {overheads['n']} round(s) in one process, each "
+             "running both variants back to back, the order alternating between rounds.", "",
+             "| variant | images/s over the timed steps, median | min - max (spread) |", "| --- | --- | --- |"]
     for variant in ("no-pushes", "pushes"):
         summary = rates[variant]
-        lines.append(f"| {variant} | {summary['median']:.1f} images/s | {summary['min']:.1f} - {summary['max']:.1f} "
+        lines.append(f"| {variant} | {summary['median']:.1f} | {summary['min']:.1f} - {summary['max']:.1f} "
                      f"({summary['spread_pct']:.0f} %) |")
     lines += ["",
               f"Overhead: {overhead:.1f} % of the step time (median over rounds; per round: {_percentages(overheads)}). "
               "A run's cost is the total time of its timed steps minus the steps multiplied by its median step time "
-              "before its first push. Each round's overhead is the pushes run's cost minus the no-pushes run's cost, "
-              "as a share of the pushes run's steps at that pre-push step time.",
+              f"before its first push (after the warm-up, up to step {PUSH_EVERY_N_STEPS}). Each round's overhead is "
+              "the pushes run's cost minus the no-pushes run's cost, as a share of the pushes run's steps at that "
+              "pre-push step time.",
+              "",
+              f"Where the time goes (mean over rounds, pushes run minus no-pushes run): the step after the push took "
+              f"{extra['first_step']:.0f} ms longer (the checkpoint snapshot and the sample grid run on the training "
+              f"thread, and the checkpoint writer starts beside it), and each later timed step "
+              f"{extra['later_steps']:.1f} ms longer (the upload thread, and the server in the CPU time the training "
+              f"leaves idle). In {result['unfinished_rounds']} of {overheads['n']} round(s) the first push's uploads "
+              "were still running after the last timed step. The server gets only idle CPU time, so on a busy CPU "
+              "it stores a checkpoint slowly (a 90 MB one took 15 s in one traced run, ending after training "
+              "stopped), and most of its work falls outside the training steps, as a remote service's would. Single "
+              "rounds scatter by several points: on the 2-core VM where this harness was built, even a plain "
+              "matrix-multiply loop drifted by up to 19 % in speed over a few seconds.",
               "",
               f"Compared by totals instead (no-pushes images/s over pushes images/s, per round): "
               f"{totals['median']:.1f} % (per round: {_percentages(totals)}). Back-to-back runs of the same variant "
-              "differ by up to 5 % here before any push happens, so totals of single runs cannot resolve a few "
+              "differ by up to 10 % here before any push happens, so totals of single runs cannot resolve a few "
               "percent; the figure above takes each run's own speed out.", ""]
     return lines
 

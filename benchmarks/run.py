@@ -42,12 +42,13 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="repetitions of every comparison")
     parser.add_argument("--warmup-steps", type=int, default=3, help="training steps before timing starts")
     parser.add_argument("--measure-steps", type=int, default=10, help="timed training steps per run")
-    parser.add_argument("--upload-steps", type=int, default=50,
-                        help="timed steps of the upload-overhead runs (pushes every 25 steps)")
-    parser.add_argument("--upload-rounds", type=int, default=4,
+    parser.add_argument("--upload-steps", type=int, default=PUSH_EVERY_N_STEPS,
+                        help=f"timed steps of the upload-overhead runs, counted from the first push (pushes every "
+                             f"{PUSH_EVERY_N_STEPS} steps; a multiple of {PUSH_EVERY_N_STEPS} times whole push periods)")
+    parser.add_argument("--upload-rounds", type=int, default=5,
                         help="rounds of the upload-overhead benchmark, each one run without and one with pushes")
     parser.add_argument("--framework-steps", type=int, default=20, help="timed steps of each framework-overhead run")
-    parser.add_argument("--framework-rounds", type=int, default=5,
+    parser.add_argument("--framework-rounds", type=int, default=4,
                         help="rounds of the framework-overhead benchmark, each one plain and one Lightning run")
     parser.add_argument("--startup-repeats", type=int, default=3, help="runs of the start-up benchmark")
     parser.add_argument("--fid-steps", type=int, default=FidSettings.steps,
@@ -72,7 +73,7 @@ def settings_from(arguments: argparse.Namespace, work_dir: Path) -> BenchSetting
         settings.image_size, settings.generator_features, settings.discriminator_features = 32, 8, 8
         settings.batch_size, settings.latent_dim = 16, 16
         settings.warmup_steps, settings.measure_steps, settings.repeats = 1, 2, 1
-        arguments.upload_steps, arguments.startup_repeats = 26, 1
+        arguments.upload_steps, arguments.startup_repeats = 1, 1
         arguments.upload_rounds, arguments.framework_steps, arguments.framework_rounds = 1, 2, 1
         arguments.fid_steps, arguments.fid_samples = 2, 100
         arguments.fid_seeds = arguments.fid_seeds or "1"
@@ -133,10 +134,16 @@ def bench_pull(settings: BenchSettings, s3_env: dict[str, str]) -> dict:
 
 
 def bench_upload(settings: BenchSettings, s3_env: dict[str, str], measure_steps: int, rounds: int) -> dict:
+    """Time `measure_steps` steps after the first push, paired with runs that never push.
+
+    Each run trains PUSH_EVERY_N_STEPS + measure_steps steps. The steps before the first push give the
+    run's own pace. The timed steps start with the step after the push. With `measure_steps` a multiple
+    of PUSH_EVERY_N_STEPS they hold whole push periods: each push's step and the steps during its uploads.
+    """
     from benchmarks.s3 import create_bucket
 
     upload_settings = BenchSettings.from_json(settings.to_json())
-    upload_settings.measure_steps = measure_steps
+    upload_settings.measure_steps = PUSH_EVERY_N_STEPS - settings.warmup_steps + measure_steps
     bucket = "bench-upload"
     create_bucket(s3_env["AWS_ENDPOINT_URL"], bucket)
     env = {**s3_env, "BENCH_OUTPUT_URI": f"s3://{bucket}/jobs"}
@@ -148,24 +155,70 @@ def bench_upload(settings: BenchSettings, s3_env: dict[str, str], measure_steps:
              for variant, variant_runs in runs.items()}
     overheads = [100.0 * (pushes_cost - no_pushes_cost) / pushes_baseline_s
                  for (pushes_cost, pushes_baseline_s), (no_pushes_cost, _) in zip(costs["pushes"], costs["no-pushes"])]
-    paired = _paired_rates(runs, "no-pushes", "pushes", settings)
+    unfinished = sum(_first_push_outlasts_run(times, upload_times)
+                     for times, upload_times in zip(runs["pushes"], result["upload_times"]["pushes"]))
+    paired = _paired_rates(runs, "no-pushes", "pushes", settings, skip_steps=PUSH_EVERY_N_STEPS)
     return {"rates": paired["rates"], "total_overhead_pct": paired["overhead_pct"],
-            "overhead_pct": summarize(overheads), "measure_steps": measure_steps}
+            "overhead_pct": summarize(overheads), "measure_steps": measure_steps,
+            "extra_ms": _extra_step_time_ms(runs, settings.warmup_steps), "unfinished_rounds": unfinished}
+
+
+def _first_push_outlasts_run(step_end_times: list[float], upload_times: list[tuple[float, float]]) -> bool:
+    """Return whether an upload of the first push ended after the run's last step.
+
+    `upload_times` lists (queued, ended) times. The first push's uploads are queued after step
+    PUSH_EVERY_N_STEPS ends and before the next push, which follows step 2 * PUSH_EVERY_N_STEPS.
+    """
+    push_time = step_end_times[PUSH_EVERY_N_STEPS - 1]
+    next_push_time = step_end_times[min(2 * PUSH_EVERY_N_STEPS, len(step_end_times)) - 1]
+    return any(ended > step_end_times[-1] for queued, ended in upload_times if push_time < queued <= next_push_time)
+
+
+def _step_durations(step_end_times: list[float]) -> dict[int, float]:
+    """Return the duration of each step from the second on, keyed by step number (steps count from 1)."""
+    return {step: step_end_times[step - 1] - step_end_times[step - 2] for step in range(2, len(step_end_times) + 1)}
+
+
+def _time_above_pace(step_end_times: list[float], warmup_steps: int, last_step: int) -> tuple[float, float]:
+    """Return the seconds steps PUSH_EVERY_N_STEPS + 1 to `last_step` took beyond the run's pre-push pace, and the pace.
+
+    The pace is the median step time after the warm-up up to step PUSH_EVERY_N_STEPS.
+    """
+    durations = _step_durations(step_end_times)
+    pace = statistics.median(durations[step] for step in range(warmup_steps + 1, PUSH_EVERY_N_STEPS + 1))
+    steps = range(PUSH_EVERY_N_STEPS + 1, last_step + 1)
+    return sum(durations[step] for step in steps) - pace * len(steps), pace
+
+
+def _extra_step_time_ms(runs: dict[str, list[list[float]]], warmup_steps: int) -> dict[str, float]:
+    """Split the pushes runs' extra time into the first timed step and the mean of the steps after it.
+
+    Each value is the mean over rounds of the pushes run's time above its pre-push pace minus the
+    paired no-pushes run's, in milliseconds. The first timed step carries the push's work on the
+    training thread. The later steps share the cores with the writer and upload threads and the server.
+    """
+    first_step, later_steps = [], []
+    for pushes_times, no_pushes_times in zip(runs["pushes"], runs["no-pushes"]):
+        above = []
+        for times in (pushes_times, no_pushes_times):
+            first_cost, pace = _time_above_pace(times, warmup_steps, PUSH_EVERY_N_STEPS + 1)
+            total_cost, _ = _time_above_pace(times, warmup_steps, len(times))
+            above.append((first_cost, (total_cost - first_cost) / max(1, len(times) - PUSH_EVERY_N_STEPS - 1)))
+        (pushes_first, pushes_later), (no_pushes_first, no_pushes_later) = above
+        first_step.append(1000.0 * (pushes_first - no_pushes_first))
+        later_steps.append(1000.0 * (pushes_later - no_pushes_later))
+    return {"first_step": statistics.mean(first_step), "later_steps": statistics.mean(later_steps)}
 
 
 def _cost_above_pre_push_steps(step_end_times: list[float], warmup_steps: int) -> tuple[float, float]:
-    """Return the seconds the timed steps took beyond the run's pre-push pace, and that pace's total.
+    """Return the seconds every step after the first push took beyond the run's pre-push pace, and that pace's total.
 
-    The pre-push pace is the run's median step time before its first push could act (the push at
-    the end of step PUSH_EVERY_N_STEPS lands in the next step's time), and its total is that time
-    multiplied by the timed steps. Taking the pace from the same run removes the run's own speed,
-    which varied by up to 5 % between back-to-back runs of one variant even before any push.
+    The push at the end of step PUSH_EVERY_N_STEPS lands in the next step's time. The pace's total is
+    the pace multiplied by the steps after the push. Taking the pace from the same run removes the
+    run's own speed, which varied by up to 10 % between back-to-back runs of one variant before any push.
     """
-    durations = [end - start for start, end in zip(step_end_times[warmup_steps - 1:], step_end_times[warmup_steps:])]
-    # durations[k] is the time of step warmup_steps + 1 + k.
-    pre_push = durations[:PUSH_EVERY_N_STEPS - warmup_steps]
-    baseline_s = statistics.median(pre_push) * len(durations)
-    return sum(durations) - baseline_s, baseline_s
+    cost_s, pace_s = _time_above_pace(step_end_times, warmup_steps, len(step_end_times))
+    return cost_s, pace_s * (len(step_end_times) - PUSH_EVERY_N_STEPS)
 
 
 def bench_framework(settings: BenchSettings, measure_steps: int, rounds: int) -> dict:
@@ -177,13 +230,16 @@ def bench_framework(settings: BenchSettings, measure_steps: int, rounds: int) ->
             "measure_steps": measure_steps}
 
 
-def _paired_rates(runs: dict[str, list[list[float]]], baseline: str, candidate: str, settings: BenchSettings) -> dict:
+def _paired_rates(runs: dict[str, list[list[float]]], baseline: str, candidate: str, settings: BenchSettings,
+                  skip_steps: int | None = None) -> dict:
     """Summarise images/s of two variants that ran in alternating rounds, and the candidate's overhead per round.
 
     Each round ran both variants back to back, so its ratio is the comparison least moved by drift in
-    machine speed. The overhead figure is the median of those ratios.
+    machine speed. The overhead figure is the median of those ratios. The rates count the steps after
+    the first `skip_steps` (default: the warm-up steps).
     """
-    rates = {variant: [images_per_s(times, settings.warmup_steps, settings.batch_size) for times in variant_runs]
+    skip_steps = settings.warmup_steps if skip_steps is None else skip_steps
+    rates = {variant: [images_per_s(times, skip_steps, settings.batch_size) for times in variant_runs]
              for variant, variant_runs in runs.items()}
     overheads = [100.0 * (baseline_rate / candidate_rate - 1.0)
                  for baseline_rate, candidate_rate in zip(rates[baseline], rates[candidate])]
@@ -225,6 +281,11 @@ def main(argv: list[str]) -> int:
     unknown = sorted(set(selected) - set(ALL_BENCHMARKS))
     if unknown:
         log.error("unknown benchmark(s) %s; choose from %s", ", ".join(unknown), ", ".join(ALL_BENCHMARKS))
+        return 2
+    if "upload" in selected and (arguments.upload_steps < 1 or arguments.warmup_steps >= PUSH_EVERY_N_STEPS):
+        log.error("the upload benchmark needs --upload-steps of at least 1 (got %d) and --warmup-steps below %d "
+                  "(got %d), so each run has steps before its first push", arguments.upload_steps,
+                  PUSH_EVERY_N_STEPS, arguments.warmup_steps)
         return 2
     uses_photos = bool(set(selected) - FASHION_MNIST_BENCHMARKS)
     if uses_photos and not Path(arguments.data_dir).is_dir():

@@ -52,9 +52,10 @@ def project_overrides(settings: BenchSettings, variant: str, run_id: str) -> lis
 
 
 # Step end times and the first step's wall-clock time, recorded by TimedMetricsCallback during one
-# train_project call.
+# train_project call, and the (queued, ended) times of every background upload.
 _step_end_times: list[float] = []
 _first_step_wall: list[float] = []
+_upload_times: list[tuple[float, float]] = []
 
 
 def _install_step_timer() -> None:
@@ -75,6 +76,22 @@ def _install_step_timer() -> None:
 
     # _fit imports MetricsCallback from its module when it runs, so it picks up the subclass.
     metrics_module.MetricsCallback = TimedMetricsCallback
+    _install_upload_timer()
+
+
+def _install_upload_timer() -> None:
+    """Record when each background upload is queued and when it ends, with what runs after it (the latest pointer)."""
+    from fashion_gan.storage.uploader import BackgroundUploader
+
+    submit_then = BackgroundUploader.submit_then
+
+    def timed_submit_then(self, *arguments, **keywords):
+        queued = time.perf_counter()
+        future = submit_then(self, *arguments, **keywords)
+        future.add_done_callback(lambda _: _upload_times.append((queued, time.perf_counter())))
+        return future
+
+    BackgroundUploader.submit_then = timed_submit_then
 
 
 def train_project(settings: BenchSettings, variant: str, run_number: int = 0) -> dict:
@@ -86,12 +103,14 @@ def train_project(settings: BenchSettings, variant: str, run_number: int = 0) ->
     _install_step_timer()
     _step_end_times.clear()
     _first_step_wall.clear()
+    _upload_times.clear()
     run_id = f"bench-{variant}-{os.getpid()}-{run_number}"
     with initialize_config_dir(config_dir=str(PROJECT_DIR / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=project_overrides(settings, variant, run_id))
     result = run(cfg)
     return {
         "step_end_times": list(_step_end_times),
+        "upload_times": list(_upload_times),
         "first_step_wall": _first_step_wall[0] if _first_step_wall else None,
         "precision": result.summary.get("precision"),
         "final_losses": result.summary.get("final_losses"),
@@ -99,16 +118,18 @@ def train_project(settings: BenchSettings, variant: str, run_number: int = 0) ->
 
 
 def train_upload_rounds(settings: BenchSettings) -> dict:
-    """Alternate no-pushes and pushes runs in this process and return each variant's step end times per round."""
+    """Alternate no-pushes and pushes runs in this process; return the step and upload end times per round."""
     variants = ("no-pushes", "pushes")
     runs: dict[str, list[list[float]]] = {variant: [] for variant in variants}
+    uploads: dict[str, list[list[tuple[float, float]]]] = {variant: [] for variant in variants}
     for round_number in range(settings.repeats):
         order = variants if round_number % 2 == 0 else variants[::-1]
         for variant in order:
             print(f"upload round {round_number + 1}: {variant}", flush=True)
             result = train_project(settings, variant, run_number=round_number)
             runs[variant].append(result["step_end_times"])
-    return {"runs": runs}
+            uploads[variant].append(result["upload_times"])
+    return {"runs": runs, "upload_times": uploads}
 
 
 def main(argv: list[str]) -> None:

@@ -30,6 +30,43 @@ def test_images_per_s_skips_warmup():
     assert images_per_s([1.0, 2.0, 3.0, 5.0], warmup_steps=2, batch_size=8) == pytest.approx(16 / 3)
 
 
+def _step_end_times(durations_s: list[float]) -> list[float]:
+    ends, now = [], 0.0
+    for duration in durations_s:
+        now += duration
+        ends.append(now)
+    return ends
+
+
+def test_upload_cost_counts_steps_after_first_push():
+    from benchmarks.run import _cost_above_pre_push_steps
+
+    # 3 warm-up steps, steps 4 to 25 at 1 s, then step 26 (after the push) 1.5 s and steps 27 to 50 1.1 s.
+    durations = [5.0] * 3 + [1.0] * 22 + [1.5] + [1.1] * 24
+    cost_s, baseline_s = _cost_above_pre_push_steps(_step_end_times(durations), warmup_steps=3)
+    assert baseline_s == pytest.approx(25.0)
+    assert cost_s == pytest.approx(0.5 + 24 * 0.1)
+
+
+def test_first_push_upload_outlasting_run_detected():
+    from benchmarks.run import _first_push_outlasts_run
+
+    step_end_times = [float(step) for step in range(1, 51)]  # step N ends at N s
+    # real.png's upload (queued before the push) and the next push's (queued after step 50) do not count.
+    assert not _first_push_outlasts_run(step_end_times, [(0.1, 60.0), (25.1, 26.4), (50.2, 53.0)])
+    assert _first_push_outlasts_run(step_end_times, [(25.1, 26.4), (25.6, 50.5)])
+
+
+def test_upload_extra_time_subtracts_no_pushes_run():
+    from benchmarks.run import _extra_step_time_ms
+
+    pushes = _step_end_times([5.0] * 3 + [1.0] * 22 + [1.3] + [1.02] * 24)
+    no_pushes = _step_end_times([5.0] * 3 + [2.0] * 22 + [2.1] + [2.01] * 24)
+    extra = _extra_step_time_ms({"pushes": [pushes], "no-pushes": [no_pushes]}, warmup_steps=3)
+    assert extra["first_step"] == pytest.approx(200.0)
+    assert extra["later_steps"] == pytest.approx(10.0)
+
+
 def test_fast_dropout_drop_rate_and_scale():
     dropout = FastDropout(0.3)
     torch.manual_seed(0)
