@@ -174,20 +174,16 @@ def _first_push_outlasts_run(step_end_times: list[float], upload_times: list[tup
     return any(ended > step_end_times[-1] for queued, ended in upload_times if push_time < queued <= next_push_time)
 
 
-def _step_durations(step_end_times: list[float]) -> dict[int, float]:
-    """Return the duration of each step from the second on, keyed by step number (steps count from 1)."""
-    return {step: step_end_times[step - 1] - step_end_times[step - 2] for step in range(2, len(step_end_times) + 1)}
+def _time_above_pace(step_end_times: list[float], warmup_steps: int) -> tuple[list[float], float]:
+    """Return how much longer than the run's pre-push pace each step after the first push took, and the pace.
 
-
-def _time_above_pace(step_end_times: list[float], warmup_steps: int, last_step: int) -> tuple[float, float]:
-    """Return the seconds steps PUSH_EVERY_N_STEPS + 1 to `last_step` took beyond the run's pre-push pace, and the pace.
-
-    The pace is the median step time after the warm-up up to step PUSH_EVERY_N_STEPS.
+    The pace is the median step time after the warm-up up to step PUSH_EVERY_N_STEPS. The push at the
+    end of that step lands in the next step's time, so the list starts with step PUSH_EVERY_N_STEPS + 1.
     """
-    durations = _step_durations(step_end_times)
-    pace = statistics.median(durations[step] for step in range(warmup_steps + 1, PUSH_EVERY_N_STEPS + 1))
-    steps = range(PUSH_EVERY_N_STEPS + 1, last_step + 1)
-    return sum(durations[step] for step in steps) - pace * len(steps), pace
+    durations = [end - start for start, end in zip(step_end_times[warmup_steps - 1:], step_end_times[warmup_steps:])]
+    # durations[k] is the time of step warmup_steps + 1 + k.
+    pace = statistics.median(durations[:PUSH_EVERY_N_STEPS - warmup_steps])
+    return [duration - pace for duration in durations[PUSH_EVERY_N_STEPS - warmup_steps:]], pace
 
 
 def _extra_step_time_ms(runs: dict[str, list[list[float]]], warmup_steps: int) -> dict[str, float]:
@@ -199,26 +195,25 @@ def _extra_step_time_ms(runs: dict[str, list[list[float]]], warmup_steps: int) -
     """
     first_step, later_steps = [], []
     for pushes_times, no_pushes_times in zip(runs["pushes"], runs["no-pushes"]):
-        above = []
-        for times in (pushes_times, no_pushes_times):
-            first_cost, pace = _time_above_pace(times, warmup_steps, PUSH_EVERY_N_STEPS + 1)
-            total_cost, _ = _time_above_pace(times, warmup_steps, len(times))
-            above.append((first_cost, (total_cost - first_cost) / max(1, len(times) - PUSH_EVERY_N_STEPS - 1)))
-        (pushes_first, pushes_later), (no_pushes_first, no_pushes_later) = above
-        first_step.append(1000.0 * (pushes_first - no_pushes_first))
-        later_steps.append(1000.0 * (pushes_later - no_pushes_later))
-    return {"first_step": statistics.mean(first_step), "later_steps": statistics.mean(later_steps)}
+        pushes_above, _ = _time_above_pace(pushes_times, warmup_steps)
+        no_pushes_above, _ = _time_above_pace(no_pushes_times, warmup_steps)
+        first_step.append(1000.0 * (pushes_above[0] - no_pushes_above[0]))
+        if len(pushes_above) > 1:
+            later_steps.append(1000.0 * (statistics.mean(pushes_above[1:]) - statistics.mean(no_pushes_above[1:])))
+    # NOTE: with a single timed step there are no later steps, and the report shows 0.0 for them.
+    return {"first_step": statistics.mean(first_step),
+            "later_steps": statistics.mean(later_steps) if later_steps else 0.0}
 
 
 def _cost_above_pre_push_steps(step_end_times: list[float], warmup_steps: int) -> tuple[float, float]:
-    """Return the seconds every step after the first push took beyond the run's pre-push pace, and that pace's total.
+    """Return the seconds the steps after the first push took beyond the run's pre-push pace, and that pace's total.
 
-    The push at the end of step PUSH_EVERY_N_STEPS lands in the next step's time. The pace's total is
-    the pace multiplied by the steps after the push. Taking the pace from the same run removes the
-    run's own speed, which varied by up to 10 % between back-to-back runs of one variant before any push.
+    The pace's total is the pace multiplied by the steps after the push. Taking the pace from the same
+    run removes the run's own speed, which varied by up to 10 % between back-to-back runs of one
+    variant before any push.
     """
-    cost_s, pace_s = _time_above_pace(step_end_times, warmup_steps, len(step_end_times))
-    return cost_s, pace_s * (len(step_end_times) - PUSH_EVERY_N_STEPS)
+    above, pace_s = _time_above_pace(step_end_times, warmup_steps)
+    return sum(above), pace_s * len(above)
 
 
 def bench_framework(settings: BenchSettings, measure_steps: int, rounds: int) -> dict:
@@ -283,9 +278,9 @@ def main(argv: list[str]) -> int:
         log.error("unknown benchmark(s) %s; choose from %s", ", ".join(unknown), ", ".join(ALL_BENCHMARKS))
         return 2
     if "upload" in selected and (arguments.upload_steps < 1 or arguments.warmup_steps >= PUSH_EVERY_N_STEPS):
-        log.error("the upload benchmark needs --upload-steps of at least 1 (got %d) and --warmup-steps below %d "
-                  "(got %d), so each run has steps before its first push", arguments.upload_steps,
-                  PUSH_EVERY_N_STEPS, arguments.warmup_steps)
+        log.error("invalid upload benchmark settings: --upload-steps must be at least 1 (got %d) and --warmup-steps "
+                  "below %d (got %d), so each run has steps before its first push; change them and rerun",
+                  arguments.upload_steps, PUSH_EVERY_N_STEPS, arguments.warmup_steps)
         return 2
     uses_photos = bool(set(selected) - FASHION_MNIST_BENCHMARKS)
     if uses_photos and not Path(arguments.data_dir).is_dir():

@@ -118,7 +118,7 @@ def train_project(settings: BenchSettings, variant: str, run_number: int = 0) ->
 
 
 def train_upload_rounds(settings: BenchSettings) -> dict:
-    """Alternate no-pushes and pushes runs in this process; return the step and upload end times per round."""
+    """Alternate no-pushes and pushes runs in this process, and return each round's step end times and upload times."""
     variants = ("no-pushes", "pushes")
     runs: dict[str, list[list[float]]] = {variant: [] for variant in variants}
     uploads: dict[str, list[list[tuple[float, float]]]] = {variant: [] for variant in variants}

@@ -1,5 +1,6 @@
 """The benchmark harness with tiny settings, its statistics, and FastDropout (the discriminator's dropout)."""
 
+import itertools
 import subprocess
 import sys
 
@@ -31,14 +32,10 @@ def test_images_per_s_skips_warmup():
 
 
 def _step_end_times(durations_s: list[float]) -> list[float]:
-    ends, now = [], 0.0
-    for duration in durations_s:
-        now += duration
-        ends.append(now)
-    return ends
+    return list(itertools.accumulate(durations_s))
 
 
-def test_upload_cost_counts_steps_after_first_push():
+def test_upload_cost_after_first_push():
     from benchmarks.run import _cost_above_pre_push_steps
 
     # 3 warm-up steps, steps 4 to 25 at 1 s, then step 26 (after the push) 1.5 s and steps 27 to 50 1.1 s.
@@ -48,7 +45,7 @@ def test_upload_cost_counts_steps_after_first_push():
     assert cost_s == pytest.approx(0.5 + 24 * 0.1)
 
 
-def test_first_push_upload_outlasting_run_detected():
+def test_first_push_outlasts_run():
     from benchmarks.run import _first_push_outlasts_run
 
     step_end_times = [float(step) for step in range(1, 51)]  # step N ends at N s
@@ -57,7 +54,7 @@ def test_first_push_upload_outlasting_run_detected():
     assert _first_push_outlasts_run(step_end_times, [(25.1, 26.4), (25.6, 50.5)])
 
 
-def test_upload_extra_time_subtracts_no_pushes_run():
+def test_upload_extra_time_paired():
     from benchmarks.run import _extra_step_time_ms
 
     pushes = _step_end_times([5.0] * 3 + [1.0] * 22 + [1.3] + [1.02] * 24)

@@ -197,39 +197,34 @@ def test_s3_multipart_upload_verified(s3_bucket, tmp_path, monkeypatch):
     assert target.read_bytes() == source.read_bytes()
 
 
-def _head(bucket: str, key: str) -> dict:
-    return boto3.client("s3").head_object(Bucket=bucket, Key=key)
+def _upload_then_copy(bucket: str, tmp_path: Path) -> tuple[bytes, str, dict, bytes]:
+    """Upload 9 MiB to `src.ckpt`, copy it to `copy.ckpt`; return the bytes, their sha256, the copy's head and bytes."""
+    source = tmp_path / "src.ckpt"
+    source.write_bytes(os.urandom(9 * 1024 * 1024))
+    store = open_store(f"s3://{bucket}")
+    digest = store.upload_file(source, "src.ckpt")
+
+    store.copy("src.ckpt", "copy.ckpt")
+
+    head = boto3.client("s3").head_object(Bucket=bucket, Key="copy.ckpt")
+    return source.read_bytes(), digest, head, store.read_bytes("copy.ckpt")
 
 
 def test_s3_copy_9_mib_single_request(s3_bucket, tmp_path):
     # s3transfer's default copies anything over 8 MiB part by part. A copy made of parts gets an ETag
     # of the form "<md5>-<parts>", and one made by a single CopyObject request keeps the plain MD5.
-    source = tmp_path / "step.ckpt"
-    source.write_bytes(os.urandom(9 * 1024 * 1024))
-    store = open_store(f"s3://{s3_bucket}")
-    digest = store.upload_file(source, "checkpoints/step.ckpt")
-
-    store.copy("checkpoints/step.ckpt", "checkpoints/last.ckpt")
-
-    head = _head(s3_bucket, "checkpoints/last.ckpt")
-    assert head["ETag"].strip('"') == hashlib.md5(source.read_bytes()).hexdigest()
+    original, digest, head, copied = _upload_then_copy(s3_bucket, tmp_path)
+    assert head["ETag"].strip('"') == hashlib.md5(original).hexdigest()
     assert head["Metadata"] == {"sha256": digest}
-    assert store.read_bytes("checkpoints/last.ckpt") == source.read_bytes()
+    assert copied == original
 
 
 def test_s3_copy_above_limit_multipart(s3_bucket, tmp_path, monkeypatch):
     monkeypatch.setattr(s3, "SINGLE_COPY_MAX_BYTES", 5 * 1024 * 1024)
-    source = tmp_path / "big.ckpt"
-    source.write_bytes(os.urandom(9 * 1024 * 1024))
-    store = open_store(f"s3://{s3_bucket}")
-    digest = store.upload_file(source, "big.ckpt")
-
-    store.copy("big.ckpt", "copy.ckpt")
-
-    head = _head(s3_bucket, "copy.ckpt")
+    original, digest, head, copied = _upload_then_copy(s3_bucket, tmp_path)
     assert head["ETag"].strip('"').endswith("-2")  # two parts of s3transfer's default 8 MiB
     assert head["Metadata"] == {"sha256": digest}
-    assert store.read_bytes("copy.ckpt") == source.read_bytes()
+    assert copied == original
 
 
 def test_download_wrong_sha256_keeps_nothing(store, tmp_path):

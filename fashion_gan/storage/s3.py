@@ -65,8 +65,8 @@ PROBE_READ_TIMEOUT_S = 8
 BODY_READ_ATTEMPTS = 5
 # Larger files go through s3transfer's multipart upload (a single PUT is limited to 5 GiB).
 MULTIPART_THRESHOLD_BYTES = 256 * 1024 * 1024
-# Objects up to this size are copied with one CopyObject request, S3's limit for it; larger ones
-# part by part. s3transfer's default threshold of 8 MiB copied a 90 MB checkpoint in 11 parts (14
+# Objects up to this size (S3's CopyObject limit) are copied with one request, and larger ones part
+# by part. s3transfer's default threshold of 8 MiB copied a 90 MB checkpoint in 11 parts (14
 # requests), which cost the loopback moto server 1 s of CPU instead of 0.2 s.
 SINGLE_COPY_MAX_BYTES = 5 * 1024**3
 # Files up to this size are read into memory before their upload (see S3Store.upload_file).
@@ -203,7 +203,7 @@ class S3Store(ObjectStore):
 
     def copy(self, src_key: str, dst_key: str) -> None:
         with self._translate_errors("copy", src_key):
-            # Managed copy: one request up to 5 GiB, multipart above; both keep the metadata.
+            # Managed copy: one request up to 5 GiB and a multipart copy above, both keeping the metadata.
             self.client.copy(
                 {"Bucket": self.bucket, "Key": self._full_key(src_key)}, self.bucket, self._full_key(dst_key),
                 Config=TransferConfig(multipart_threshold=SINGLE_COPY_MAX_BYTES + 1),
