@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import statistics
+
 from benchmarks.training import PUSH_EVERY_N_STEPS
 
 # Targets on a 2-core CPU: (description, comparison, threshold).
@@ -180,8 +183,10 @@ def _upload_lines(result: dict, context: dict, figures: dict) -> list[str]:
         summary = rates[variant]
         lines.append(f"| {variant} | {summary['median']:.1f} | {summary['min']:.1f} - {summary['max']:.1f} "
                      f"({summary['spread_pct']:.0f} %) |")
+    mean, standard_error = _mean_and_standard_error(overheads["values"])
     lines += ["",
-              f"Overhead: {overhead:.1f} % of the step time (median over rounds; per round: {_percentages(overheads)}). "
+              f"Overhead: {overhead:.1f} % of the step time (median over rounds; per round: {_percentages(overheads)}; "
+              f"mean {mean:.1f} %, standard error of the mean {standard_error:.1f} points). "
               "A run's cost is the total time of its timed steps minus the steps multiplied by its median step time "
               f"before its first push (after the warm-up, up to step {PUSH_EVERY_N_STEPS}). Each round's overhead is "
               "the pushes run's cost minus the no-pushes run's cost, as a share of the pushes run's steps at that "
@@ -193,16 +198,23 @@ def _upload_lines(result: dict, context: dict, figures: dict) -> list[str]:
               f"{extra['later_steps']:.1f} ms longer (the upload thread, and the server in the CPU time the training "
               f"leaves idle). In {result['unfinished_rounds']} of {overheads['n']} round(s) the first push's uploads "
               "were still running after the last timed step. The server gets only idle CPU time, so on a busy CPU "
-              "it stores a checkpoint slowly (a 90 MB one took 15 s in one traced run, ending after training "
-              "stopped), and most of its work falls outside the training steps, as a remote service's would. Single "
-              "rounds scatter by several points: on the 2-core VM where this harness was built, even a plain "
-              "matrix-multiply loop drifted by up to 19 % in speed over a few seconds.",
+              "it stores a checkpoint slowly (90 MB over 13 to 15 s in the traced runs), spreading its work over "
+              "the push period. Single rounds scatter by several points: on the 2-core VM where this harness was "
+              "built, even a plain matrix-multiply loop drifted by up to 19 % in speed over a few seconds, and step "
+              "times without pushes moved between about 500 and 575 ms for stretches of 5 to 30 steps.",
               "",
               f"Compared by totals instead (no-pushes images/s over pushes images/s, per round): "
               f"{totals['median']:.1f} % (per round: {_percentages(totals)}). Back-to-back runs of the same variant "
               "differ by up to 10 % here before any push happens, so totals of single runs cannot resolve a few "
               "percent; the figure above takes each run's own speed out.", ""]
     return lines
+
+
+def _mean_and_standard_error(values: list[float]) -> tuple[float, float]:
+    """Return the mean of `values` and its standard error (0 for a single value)."""
+    if len(values) < 2:
+        return values[0], 0.0
+    return statistics.mean(values), statistics.stdev(values) / math.sqrt(len(values))
 
 
 def _percentages(summary: dict) -> str:
@@ -216,8 +228,11 @@ def _framework_lines(result: dict, context: dict, figures: dict) -> list[str]:
     lines = ["## Framework overhead", "",
              f"The same D and G updates ({result['precision']}, channels_last) on one fixed uint8 batch, "
              f"{result['measure_steps']} timed steps: `pl.Trainer.fit` on the project's DCGAN module vs a plain "
-             f"PyTorch loop over its networks. {overheads['n']} rounds in one process, each running both variants "
-             "back to back, the order alternating between rounds.", "",
+             f"PyTorch loop over networks of its own. {overheads['n']} rounds in one process, each one Lightning fit "
+             "that runs one plain step after each of its steps, so the two variants' steps alternate and both see "
+             "the same drift in machine speed. A Lightning step counts from the end of the plain step before it "
+             "to the module's next on_train_batch_end: the batch fetch, the hooks, training_step and the loop's "
+             "bookkeeping.", "",
              "| variant | median | min - max (spread) |", "| --- | --- | --- |"]
     for variant in ("plain", "lightning"):
         summary = rates[variant]
@@ -307,10 +322,11 @@ def _method_lines() -> list[str]:
             "- Both sides use torch's default intra-op thread count (one per core). The reference's DataLoader "
             "workers run one thread each, as PyTorch sets them, beside the training threads on the same cores.",
             "- The moto server replaces a remote S3 service, so it runs under SCHED_IDLE (the kernel gives it only "
-            "otherwise idle CPU time). It still shares the 2 cores: a checkpoint push costs it about 0.5 s of CPU "
-            "(0.3 to 0.45 s to store the 90 MB upload, 0.2 s for the server-side copy to `last.ckpt`), work that a "
-            "remote service does on its own machines, and it counts in the upload overhead here. The upload client "
-            "(hashing, HTTP) runs inside the training process.",
+            "otherwise idle CPU time) and keeps objects in memory rather than in temporary files. It still shares "
+            "the 2 cores: a checkpoint push costs it 0.52 to 0.57 s of CPU (storing the 90 MB upload and the "
+            "server-side copy to `last.ckpt`; 0.62 to 1.01 s through temporary files), work that a remote service "
+            "does on its own machines, and it counts in the upload overhead here. The upload client (hashing, "
+            "HTTP) runs inside the training process.",
             "- The project runs with `logger=csv`: the default W&B logger starts a service process, which the "
             "reference does not have.",
             ""]

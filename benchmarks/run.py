@@ -49,7 +49,8 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
                         help="rounds of the upload-overhead benchmark, each one run without and one with pushes")
     parser.add_argument("--framework-steps", type=int, default=20, help="timed steps of each framework-overhead run")
     parser.add_argument("--framework-rounds", type=int, default=4,
-                        help="rounds of the framework-overhead benchmark, each one plain and one Lightning run")
+                        help="rounds of the framework-overhead benchmark, each one Lightning run with a plain step after "
+                             "each of its steps")
     parser.add_argument("--startup-repeats", type=int, default=3, help="runs of the start-up benchmark")
     parser.add_argument("--fid-steps", type=int, default=FidSettings.steps,
                         help="training steps of each recipe in the fid benchmark")
@@ -219,7 +220,7 @@ def _cost_above_pre_push_steps(step_end_times: list[float], warmup_steps: int) -
 def bench_framework(settings: BenchSettings, measure_steps: int, rounds: int) -> dict:
     framework_settings = BenchSettings.from_json(settings.to_json())
     framework_settings.measure_steps, framework_settings.repeats = measure_steps, rounds
-    log.info("framework: %d rounds of plain and lightning in one process", rounds)
+    log.info("framework: %d rounds of interleaved lightning and plain steps in one process", rounds)
     result = run_child("framework", framework_settings)
     return {**_paired_rates(result["runs"], "plain", "lightning", settings), "precision": result["precision"],
             "measure_steps": measure_steps}

@@ -1,8 +1,12 @@
 """The benchmark harness with tiny settings, its statistics, and FastDropout (the discriminator's dropout)."""
 
 import itertools
+import math
+import os
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,6 +68,46 @@ def test_upload_extra_time_paired():
     assert extra["later_steps"] == pytest.approx(10.0)
 
 
+def test_overhead_mean_standard_error():
+    from benchmarks.report import _mean_and_standard_error
+
+    mean, standard_error = _mean_and_standard_error([1.0, 2.0, 6.0])
+    assert mean == pytest.approx(3.0)
+    assert standard_error == pytest.approx(math.sqrt(7.0 / 3.0))  # stdev sqrt(7) over sqrt(3)
+    assert _mean_and_standard_error([4.0]) == (4.0, 0.0)
+
+
+def _server_temporary_files(pid: int) -> list[str]:
+    """Return the files under the temporary folder that process `pid` has open."""
+    temporary_root = os.path.realpath(tempfile.gettempdir())
+    targets = []
+    for descriptor in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            targets.append(os.readlink(descriptor))
+        except OSError:
+            continue  # closed while listing
+    return [target for target in targets if target.startswith(temporary_root + os.sep)]
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to list the server's open files")
+def test_bench_server_objects_in_memory():
+    import boto3
+
+    from benchmarks.s3 import MotoServer, create_bucket, s3_environment
+
+    # By default moto moves an object above about 5 MiB to a temporary file, so a 6 MiB one would be there.
+    with MotoServer() as server:
+        environment = s3_environment(server.endpoint)
+        create_bucket(server.endpoint, "bench-memory")
+        client = boto3.client("s3", endpoint_url=server.endpoint, region_name=environment["AWS_DEFAULT_REGION"],
+                              aws_access_key_id=environment["AWS_ACCESS_KEY_ID"],
+                              aws_secret_access_key=environment["AWS_SECRET_ACCESS_KEY"])
+        body = os.urandom(6 * 1024 * 1024)
+        client.put_object(Bucket="bench-memory", Key="six-mib", Body=body)
+        assert client.get_object(Bucket="bench-memory", Key="six-mib")["Body"].read() == body
+        assert _server_temporary_files(server.process.pid) == []
+
+
 def test_fast_dropout_drop_rate_and_scale():
     dropout = FastDropout(0.3)
     torch.manual_seed(0)
@@ -96,6 +140,26 @@ def test_fast_dropout_eval_and_gradient():
     # The gradient is the mask: 0 where dropped, the scale where kept.
     assert torch.equal(inputs.grad == 0, output.detach() == 0)
     assert isinstance(dropout, nn.Dropout)
+
+
+def test_framework_steps_interleave():
+    from benchmarks.common import BenchSettings
+    from benchmarks.framework import PlainLoop, train_interleaved
+
+    # Small networks keep this fast; the timing logic does not depend on their size.
+    settings = BenchSettings(image_size=32, batch_size=8, generator_features=8, discriminator_features=8)
+    steps = 3
+    durations = train_interleaved(settings, "32-true", steps)
+    assert len(durations["lightning"]) == steps
+    assert len(durations["plain"]) == steps
+    assert all(duration > 0 for duration in durations["lightning"] + durations["plain"])
+
+    # The plain loop trains networks of its own: one step moves its weights away from a fresh copy's.
+    plain, untrained = PlainLoop(settings, "32-true"), PlainLoop(settings, "32-true")
+    plain.step()
+    changed = [not torch.equal(trained, initial) for trained, initial
+               in zip(plain.generator.parameters(), untrained.generator.parameters())]
+    assert any(changed)
 
 
 @pytest.mark.slow
