@@ -17,8 +17,9 @@ import torch
 
 from benchmarks.common import BenchSettings, child_parser, write_result
 
-# About 2 s per repeat. With 400 batches (0.3 to 0.5 s) the loader's rate moved between 51,000 and
+# About 2 s per repeat. With 400 batches (0.3 to 0.5 s) the median rate moved between 51,000 and
 # 91,000 images/s from one run of the harness to the next on the 2-core VM where this was built.
+# NOTE: 2000 batches still moved between 59,000 and 99,000 within one run there; the host sets that.
 PROJECT_BATCHES = 2000
 
 
