@@ -34,30 +34,42 @@ RESULTS_PATH = Path(__file__).resolve().parent / "RESULTS.md"
 QUICK_IMAGES_PER_CLASS = 8
 
 
+def positive_int(text: str) -> int:
+    """Parse a count argument: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid count {text!r}: use a whole number of at least 1") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"invalid count {value}: use a whole number of at least 1")
+    return value
+
+
 def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default=",".join(DEFAULT_BENCHMARKS),
                         help=f"comma-separated benchmarks to run, from {', '.join(ALL_BENCHMARKS)} "
                              f"(default: {','.join(DEFAULT_BENCHMARKS)})")
-    parser.add_argument("--repeats", type=int, default=3, help="repetitions of every comparison")
-    parser.add_argument("--warmup-steps", type=int, default=3, help="training steps before timing starts")
-    parser.add_argument("--measure-steps", type=int, default=10, help="timed training steps per run")
-    parser.add_argument("--upload-steps", type=int, default=PUSH_EVERY_N_STEPS,
+    parser.add_argument("--repeats", type=positive_int, default=3, help="repetitions of every comparison")
+    parser.add_argument("--warmup-steps", type=positive_int, default=3, help="training steps before timing starts")
+    parser.add_argument("--measure-steps", type=positive_int, default=10, help="timed training steps per run")
+    parser.add_argument("--upload-steps", type=positive_int, default=PUSH_EVERY_N_STEPS,
                         help=f"timed steps of the upload-overhead runs, counted from the first push (pushes every "
                              f"{PUSH_EVERY_N_STEPS} steps; a multiple of {PUSH_EVERY_N_STEPS} times whole push periods)")
-    parser.add_argument("--upload-rounds", type=int, default=5,
+    parser.add_argument("--upload-rounds", type=positive_int, default=5,
                         help="rounds of the upload-overhead benchmark, each one run without and one with pushes")
-    parser.add_argument("--framework-steps", type=int, default=20, help="timed steps of each framework-overhead run")
-    parser.add_argument("--framework-rounds", type=int, default=4,
+    parser.add_argument("--framework-steps", type=positive_int, default=20,
+                        help="timed steps of each framework-overhead run")
+    parser.add_argument("--framework-rounds", type=positive_int, default=4,
                         help="rounds of the framework-overhead benchmark, each one Lightning run with a plain step after "
                              "each of its steps")
-    parser.add_argument("--startup-repeats", type=int, default=3, help="runs of the start-up benchmark")
-    parser.add_argument("--fid-steps", type=int, default=FidSettings.steps,
+    parser.add_argument("--startup-repeats", type=positive_int, default=3, help="runs of the start-up benchmark")
+    parser.add_argument("--fid-steps", type=positive_int, default=FidSettings.steps,
                         help="training steps of each recipe in the fid benchmark")
     parser.add_argument("--fid-seeds", default=None,
                         help=f"comma-separated seeds of the fid benchmark, one run each "
                              f"(default: {DEFAULT_FID_SEEDS}; 1 with --quick)")
-    parser.add_argument("--fid-samples", type=int, default=FidSettings.num_samples,
+    parser.add_argument("--fid-samples", type=positive_int, default=FidSettings.num_samples,
                         help="generated (and real) images per FID score")
     parser.add_argument("--data-dir", default=BenchSettings.data_dir, help="folder of photos (class subfolders)")
     parser.add_argument("--work-dir", default="", help="scratch folder (default: a new temporary folder, removed after)")

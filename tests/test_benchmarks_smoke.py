@@ -68,6 +68,19 @@ def test_upload_extra_time_paired():
     assert extra["later_steps"] == pytest.approx(10.0)
 
 
+@pytest.mark.parametrize("flag", ["--framework-rounds", "--upload-rounds", "--measure-steps", "--repeats"])
+@pytest.mark.parametrize("value", ["0", "-2", "two"])
+def test_bench_counts_reject_invalid(flag, value, capsys):
+    from benchmarks.run import parse_arguments
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_arguments([flag, value])
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err
+    assert flag in message
+    assert "at least 1" in message
+
+
 def test_overhead_mean_standard_error():
     from benchmarks.report import _mean_and_standard_error
 
