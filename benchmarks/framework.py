@@ -111,29 +111,31 @@ def train_interleaved(settings: BenchSettings, precision: str, steps: int) -> di
     """
     import pytorch_lightning as pl
 
-    plain = PlainLoop(settings, precision)
-    durations: dict[str, list[float]] = {"lightning": [], "plain": []}
-    previous_end: list[float] = []
-
     class InterleavedStepTimer(pl.Callback):
+        def __init__(self) -> None:
+            self.plain = PlainLoop(settings, precision)
+            self.durations: dict[str, list[float]] = {"lightning": [], "plain": []}
+            self.previous_end = 0.0  # end of the previous plain step, or the start of training
+
         def on_train_start(self, trainer, pl_module) -> None:
-            previous_end.append(time.perf_counter())
+            self.previous_end = time.perf_counter()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             lightning_end = time.perf_counter()
-            durations["lightning"].append(lightning_end - previous_end[-1])
-            plain.step()
-            plain_end = time.perf_counter()
-            durations["plain"].append(plain_end - lightning_end)
-            previous_end.append(plain_end)
+            self.durations["lightning"].append(lightning_end - self.previous_end)
 
+            self.plain.step()
+            self.previous_end = time.perf_counter()
+            self.durations["plain"].append(self.previous_end - lightning_end)
+
+    timer = InterleavedStepTimer()
     trainer = pl.Trainer(accelerator="cpu", devices=1, precision=precision, max_steps=steps, max_epochs=-1,
-                         logger=False, callbacks=[InterleavedStepTimer()], enable_checkpointing=False,
+                         logger=False, callbacks=[timer], enable_checkpointing=False,
                          enable_model_summary=False, enable_progress_bar=False, limit_val_batches=0,
                          num_sanity_val_steps=0, use_distributed_sampler=False)
     loader = torch.utils.data.DataLoader(RepeatedBatch(fixed_batch(settings)), batch_size=None)
     trainer.fit(build_module(settings), train_dataloaders=loader)
-    return durations
+    return timer.durations
 
 
 def train_rounds(settings: BenchSettings, precision: str, steps: int) -> dict[str, list[list[float]]]:

@@ -12,10 +12,9 @@ import urllib.request
 
 START_TIMEOUT_S = 30.0
 SERVER_NICENESS = 19
-# moto keeps each object in a buffer that moves to a temporary file above this size (default about
-# 5 MiB). At 8 GiB every benchmark object stays in memory: storing and copying a 90 MB checkpoint then
-# took the server 0.52 to 0.57 s of CPU, against 0.62 to 1.01 s through temporary files. The
-# default benchmarks store under 2 GB in all (estimate: 3 checkpoints per upload round, the photos twice).
+# Size above which moto moves an object from memory to a temporary file (its default is about 5 MiB).
+# At 8 GiB a 90 MB checkpoint push cost the server 0.52 to 0.57 s of CPU, against 0.62 to 1.01 s
+# through files. The default benchmarks store under 2 GB (estimate: 3 checkpoints per round, photos twice).
 SERVER_OBJECT_BUFFER_BYTES = 8 * 1024**3
 _DIRECT_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # ignores *_proxy variables
 

@@ -86,7 +86,7 @@ def test_overhead_mean_standard_error():
 
     mean, standard_error = _mean_and_standard_error([1.0, 2.0, 6.0])
     assert mean == pytest.approx(3.0)
-    assert standard_error == pytest.approx(math.sqrt(7.0 / 3.0))  # stdev sqrt(7) over sqrt(3)
+    assert standard_error == pytest.approx(math.sqrt(7.0 / 3.0))  # standard deviation sqrt(7), divided by sqrt(3)
     assert _mean_and_standard_error([4.0]) == (4.0, 0.0)
 
 
