@@ -121,14 +121,27 @@ def test_bench_server_objects_in_memory():
         assert _server_temporary_files(server.process.pid) == []
 
 
-def test_fast_dropout_drop_rate_and_scale():
-    dropout = FastDropout(0.3)
+@pytest.mark.parametrize("probability", [0.05, 0.3, 0.5, 0.9])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_dropout_drop_rate_and_scale(probability, dtype):
+    dropout = FastDropout(probability)
     torch.manual_seed(0)
-    output = dropout(torch.ones(64, 16, 32, 32))
+    output = dropout(torch.ones(64, 16, 32, 32, dtype=dtype))
+    assert output.dtype == dtype
     dropped = (output == 0).float().mean().item()
-    assert dropped == pytest.approx(0.3, abs=0.005)
-    kept_values = output[output != 0]
-    assert torch.allclose(kept_values, torch.full_like(kept_values, 1 / (1 - round(0.3 * 65536) / 65536)))
+    assert dropped == pytest.approx(probability, abs=0.005)
+    kept_values = output[output != 0].float()
+    expected_scale = torch.tensor(1 / (1 - round(probability * 65536) / 65536), dtype=dtype).float()
+    assert torch.equal(kept_values, torch.full_like(kept_values, expected_scale.item()))
+
+
+def test_fast_dropout_masks_differ_between_calls():
+    dropout = FastDropout(0.5)
+    inputs = torch.ones(8, 16, 32, 32)
+    torch.manual_seed(3)
+    first, second = dropout(inputs) == 0, dropout(inputs) == 0
+    # Independent masks agree on about half of the elements; a repeated mask would agree on all.
+    assert (first == second).float().mean().item() == pytest.approx(0.5, abs=0.02)
 
 
 def test_fast_dropout_repeats_with_seed():
@@ -140,6 +153,17 @@ def test_fast_dropout_repeats_with_seed():
     second = dropout(inputs)
     assert torch.equal(first, second)
     assert first.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_fast_dropout_under_torch_compile():
+    compiled = torch.compile(FastDropout(0.3), backend="eager")
+    inputs = torch.ones(64, 8, 16, 16)
+    torch.manual_seed(1)
+    first = compiled(inputs)
+    torch.manual_seed(1)
+    second = compiled(inputs)
+    assert torch.equal(first, second)
+    assert (first == 0).float().mean().item() == pytest.approx(0.3, abs=0.01)
 
 
 def test_fast_dropout_eval_and_gradient():

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -91,11 +92,18 @@ class FastDropout(nn.Dropout):
 
     nn.Dropout draws one random float per element, and in the discriminator that costs more than
     some of its convolutions. Drawing 64-bit words and comparing their 16-bit parts with a
-    threshold takes a quarter of the generator calls. A bf16 forward and backward over a
-    (64, 64, 32, 32) activation took 25 ms instead of 51 ms of thread CPU time (torch 2.14, one
-    thread of a Xeon with AVX-512). The drop probability is rounded to a multiple of 1/65536, and
-    the kept values are scaled by 1 / (1 - that probability), so the expected output equals the input.
-    Draws come from the default generator of the input's device, so torch.manual_seed repeats them.
+    threshold takes a quarter of the generator calls. The drop probability is rounded to a
+    multiple of 1/65536, and the kept values are scaled by 1 / (1 - that probability), so the
+    expected output equals the input.
+
+    On CUDA the words come from the device's default generator. On the CPU they come from NumPy's
+    SFC64, seeded by one draw from torch's default CPU generator, so torch.manual_seed still repeats
+    them: torch's CPU generator (MT19937) filled 2 million words in 6.6 to 9.2 ms on one thread,
+    SFC64 in 3.3 ms. The mask goes through a uint8 view because torch converts uint8 to bf16 about
+    8 times faster than bool (0.27 ms against 2.1 ms for a (64, 64, 32, 32) mask).
+    Together these cut the masks of one discriminator pass (batch 64 at 64x64, bf16, applied in
+    the forward and the backward pass) from 22 to 12 ms, and a whole bf16 training step by 4 %
+    (torch 2.14, NumPy 2.4, 2 threads of an AMD EPYC with AVX-512 BF16).
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -104,17 +112,27 @@ class FastDropout(nn.Dropout):
         threshold = round(self.p * RANDOM_BITS_RANGE)
         if threshold >= RANDOM_BITS_RANGE:
             return torch.zeros_like(input)
-        words = torch.empty((input.numel() + 3) // 4, dtype=torch.int64, device=input.device)
-        words.random_(-(2**63), None)  # every bit of each word random
+        words = _random_words((input.numel() + 3) // 4, input.device)
         # Signed 16-bit parts are uniform in [-32768, 32767], so dropping those below threshold - 32768
         # drops with probability threshold / 65536.
         parts = words.view(torch.int16)[: input.numel()]
         keep = _shaped_like(parts, input) >= threshold - RANDOM_BITS_RANGE // 2
         scale = 1.0 / (1.0 - threshold / RANDOM_BITS_RANGE)
-        return input * keep.to(input.dtype).mul_(scale)
+        return input * keep.view(torch.uint8).to(input.dtype).mul_(scale)
 
 
 RANDOM_BITS_RANGE = 2**16
+
+
+# torch.compile cannot trace the random draws (Tensor.random_, NumPy's generators), so it runs them eagerly.
+@torch.compiler.disable
+def _random_words(count: int, device: torch.device) -> torch.Tensor:
+    """Return `count` int64 words with every bit uniformly random, drawn as FastDropout describes."""
+    if device.type == "cpu":
+        seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
+        return torch.from_numpy(np.random.SFC64(seed).random_raw(count).view(np.int64))
+    words = torch.empty(count, dtype=torch.int64, device=device)
+    return words.random_(-(2**63), None)  # every bit of each word random
 
 
 def _shaped_like(values: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
