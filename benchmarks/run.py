@@ -10,7 +10,6 @@ import argparse
 import json
 import logging
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 from benchmarks import report
 from benchmarks.common import BenchSettings, images_per_s, load_average, machine_facts, run_child, summarize
 from benchmarks.fid_recipe import FID_RESULTS_PATH, FidSettings, bench_fid
-from benchmarks.training import PUSH_EVERY_N_STEPS
+from benchmarks.training import ALTERNATING_PUSH_INTERVAL, PUSH_EVERY_N_STEPS
 
 log = logging.getLogger("benchmarks")
 
@@ -53,11 +52,9 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--repeats", type=positive_int, default=3, help="repetitions of every comparison")
     parser.add_argument("--warmup-steps", type=positive_int, default=3, help="training steps before timing starts")
     parser.add_argument("--measure-steps", type=positive_int, default=10, help="timed training steps per run")
-    parser.add_argument("--upload-steps", type=positive_int, default=PUSH_EVERY_N_STEPS,
-                        help=f"timed steps of the upload-overhead runs, counted from the first push (pushes every "
-                             f"{PUSH_EVERY_N_STEPS} steps; a multiple of {PUSH_EVERY_N_STEPS} times whole push periods)")
-    parser.add_argument("--upload-rounds", type=positive_int, default=5,
-                        help="rounds of the upload-overhead benchmark, each one run without and one with pushes")
+    parser.add_argument("--upload-pushes", type=positive_int, default=10,
+                        help=f"pushes counted in the upload-overhead run, one every {ALTERNATING_PUSH_INTERVAL} steps "
+                             f"after a warm-up push; each adds {ALTERNATING_PUSH_INTERVAL} steps (about 27 s on 2 cores)")
     parser.add_argument("--framework-steps", type=positive_int, default=20,
                         help="timed steps of each framework-overhead run")
     parser.add_argument("--framework-rounds", type=positive_int, default=4,
@@ -86,8 +83,8 @@ def settings_from(arguments: argparse.Namespace, work_dir: Path) -> BenchSetting
         settings.image_size, settings.generator_features, settings.discriminator_features = 32, 8, 8
         settings.batch_size, settings.latent_dim = 16, 16
         settings.warmup_steps, settings.measure_steps, settings.repeats = 1, 2, 1
-        arguments.upload_steps, arguments.startup_repeats = 1, 1
-        arguments.upload_rounds, arguments.framework_steps, arguments.framework_rounds = 1, 2, 1
+        arguments.upload_pushes, arguments.startup_repeats = 1, 1
+        arguments.framework_steps, arguments.framework_rounds = 2, 1
         arguments.fid_steps, arguments.fid_samples = 2, 100
         arguments.fid_seeds = arguments.fid_seeds or "1"
         if Path(arguments.data_dir).is_dir():
@@ -146,87 +143,87 @@ def bench_pull(settings: BenchSettings, s3_env: dict[str, str]) -> dict:
     return result
 
 
-def bench_upload(settings: BenchSettings, s3_env: dict[str, str], measure_steps: int, rounds: int) -> dict:
-    """Time `measure_steps` steps after the first push, paired with runs that never push.
+def bench_upload(settings: BenchSettings, s3_env: dict[str, str], pushes: int) -> dict:
+    """Train one run with a warm-up push and `pushes` counted ones, one every ALTERNATING_PUSH_INTERVAL steps.
 
-    Each run trains PUSH_EVERY_N_STEPS + measure_steps steps. The steps before the first push give the
-    run's own pace. The timed steps start with the step after the push. With `measure_steps` a multiple
-    of PUSH_EVERY_N_STEPS they hold whole push periods: each push's step and the steps during its uploads.
+    The run trains ALTERNATING_PUSH_INTERVAL * (pushes + 2) steps, so the last push period is followed
+    by a push-free one. The first push's period does not count: it also pays the costs a run pays
+    once, at its first checkpoint and sample grid. In four traced runs it cost 8.4, 6.2, 14.0 and
+    -4.7 %, the later pushes -0.1 to 1.4 % on average.
     """
     from benchmarks.s3 import create_bucket
 
     upload_settings = BenchSettings.from_json(settings.to_json())
-    upload_settings.measure_steps = PUSH_EVERY_N_STEPS - settings.warmup_steps + measure_steps
+    upload_settings.measure_steps = ALTERNATING_PUSH_INTERVAL * (pushes + 2) - settings.warmup_steps
+    upload_settings.repeats = 1
     bucket = "bench-upload"
     create_bucket(s3_env["AWS_ENDPOINT_URL"], bucket)
     env = {**s3_env, "BENCH_OUTPUT_URI": f"s3://{bucket}/jobs"}
-    upload_settings.repeats = rounds
-    log.info("upload: %d rounds of no-pushes and pushes in one process", rounds)
+    log.info("upload: one run of %d steps with a push every %d steps", upload_settings.warmup_steps +
+             upload_settings.measure_steps, ALTERNATING_PUSH_INTERVAL)
     result = run_child("training", upload_settings, "upload", env=env)
-    runs = result["runs"]
-    costs = {variant: [_cost_above_pre_push_steps(times, settings.warmup_steps) for times in variant_runs]
-             for variant, variant_runs in runs.items()}
-    overheads = [100.0 * (pushes_cost - no_pushes_cost) / pushes_baseline_s
-                 for (pushes_cost, pushes_baseline_s), (no_pushes_cost, _) in zip(costs["pushes"], costs["no-pushes"])]
-    unfinished = sum(_first_push_outlasts_run(times, upload_times)
-                     for times, upload_times in zip(runs["pushes"], result["upload_times"]["pushes"]))
-    paired = _paired_rates(runs, "no-pushes", "pushes", settings, skip_steps=PUSH_EVERY_N_STEPS)
-    return {"rates": paired["rates"], "total_overhead_pct": paired["overhead_pct"],
-            "overhead_pct": summarize(overheads), "measure_steps": measure_steps,
-            "extra_ms": _extra_step_time_ms(runs, settings.warmup_steps), "unfinished_rounds": unfinished}
+
+    step_end_times, upload_times = result["step_end_times"], result["upload_times"]
+    warmup_period, *periods = push_periods(step_end_times)
+    for period in periods:
+        period["uploads_outlast_period"] = _uploads_outlast(step_end_times, upload_times, period["push_step"])
+    batch_size = settings.batch_size
+    return {"periods": periods, "warmup_period": warmup_period,
+            "overhead_pct": summarize([period["overhead_pct"] for period in periods]),
+            "rates": {"push periods": summarize([batch_size * PUSH_EVERY_N_STEPS / period["during_s"]
+                                                 for period in periods]),
+                      "push-free periods": summarize([batch_size * PUSH_EVERY_N_STEPS / period["around_s"]
+                                                      for period in periods])}}
 
 
-def _first_push_outlasts_run(step_end_times: list[float], upload_times: list[tuple[float, float]]) -> bool:
-    """Return whether an upload of the first push ended after the run's last step.
+def push_periods(step_end_times: list[float]) -> list[dict]:
+    """Compare each push period of an alternating run with the push-free periods on either side.
 
-    `upload_times` lists (queued, ended) times. The first push's uploads are queued after step
-    PUSH_EVERY_N_STEPS ends and before the next push, which follows step 2 * PUSH_EVERY_N_STEPS.
+    `step_end_times[i]` is the end of step i + 1. Pushes follow steps p = ALTERNATING_PUSH_INTERVAL,
+    2 * ALTERNATING_PUSH_INTERVAL, ..., and a push's work on the training thread lands in step p + 1.
+    With N = PUSH_EVERY_N_STEPS, the push period is steps p + 1 to p + N, as one period of a run
+    that pushes every N steps. The baseline is the mean of the push-free periods p - N + 1 to p and
+    p + N + 1 to p + 2N, which cancels a drift in machine speed that is linear over the three.
+
+    Each push gets `overhead_pct`, the push period's time above the baseline as a share of it. It
+    also gets `first_step_ms` and `later_steps_ms`: how much longer than the baseline's mean step
+    step p + 1 and, on average, the other steps of the period took.
     """
-    push_time = step_end_times[PUSH_EVERY_N_STEPS - 1]
-    next_push_time = step_end_times[min(2 * PUSH_EVERY_N_STEPS, len(step_end_times)) - 1]
-    return any(ended > step_end_times[-1] for queued, ended in upload_times if push_time < queued <= next_push_time)
+    steps = PUSH_EVERY_N_STEPS
+    duration_s = {step: end - start
+                  for step, (start, end) in enumerate(zip(step_end_times, step_end_times[1:]), start=2)}
+
+    def total_s(first_step: int) -> float:
+        return sum(duration_s[step] for step in range(first_step, first_step + steps))
+
+    periods = []
+    last_push_step = len(step_end_times) - 2 * steps
+    for push_step in range(ALTERNATING_PUSH_INTERVAL, last_push_step + 1, ALTERNATING_PUSH_INTERVAL):
+        during_s = total_s(push_step + 1)
+        around_s = (total_s(push_step - steps + 1) + total_s(push_step + steps + 1)) / 2
+        step_baseline_s = around_s / steps
+        first_step_s = duration_s[push_step + 1]
+        periods.append({
+            "push_step": push_step,
+            "during_s": during_s,
+            "around_s": around_s,
+            "overhead_pct": 100.0 * (during_s - around_s) / around_s,
+            "first_step_ms": 1000.0 * (first_step_s - step_baseline_s),
+            "later_steps_ms": 1000.0 * ((during_s - first_step_s) / (steps - 1) - step_baseline_s),
+        })
+    return periods
 
 
-def _time_above_pace(step_end_times: list[float], warmup_steps: int) -> tuple[list[float], float]:
-    """Return how much longer than the run's pre-push pace each step after the first push took, and the pace.
+def _uploads_outlast(step_end_times: list[float], upload_times: list[tuple[float, float]], push_step: int) -> bool:
+    """Return whether an upload queued by the push after `push_step` ended after its push period.
 
-    The pace is the median step time after the warm-up up to step PUSH_EVERY_N_STEPS. The push at the
-    end of that step lands in the next step's time, so the list starts with step PUSH_EVERY_N_STEPS + 1.
+    `upload_times` lists (queued, ended) times. The push's uploads are queued after step `push_step`
+    ends and before the next push.
     """
-    durations = [end - start for start, end in zip(step_end_times[warmup_steps - 1:], step_end_times[warmup_steps:])]
-    # durations[k] is the time of step warmup_steps + 1 + k.
-    pace = statistics.median(durations[:PUSH_EVERY_N_STEPS - warmup_steps])
-    return [duration - pace for duration in durations[PUSH_EVERY_N_STEPS - warmup_steps:]], pace
-
-
-def _extra_step_time_ms(runs: dict[str, list[list[float]]], warmup_steps: int) -> dict[str, float]:
-    """Split the pushes runs' extra time into the first timed step and the mean of the steps after it.
-
-    Each value is the mean over rounds of the pushes run's time above its pre-push pace minus the
-    paired no-pushes run's, in milliseconds. The first timed step carries the push's work on the
-    training thread. The later steps share the cores with the writer and upload threads and the server.
-    """
-    first_step, later_steps = [], []
-    for pushes_times, no_pushes_times in zip(runs["pushes"], runs["no-pushes"]):
-        pushes_above, _ = _time_above_pace(pushes_times, warmup_steps)
-        no_pushes_above, _ = _time_above_pace(no_pushes_times, warmup_steps)
-        first_step.append(1000.0 * (pushes_above[0] - no_pushes_above[0]))
-        if len(pushes_above) > 1:
-            later_steps.append(1000.0 * (statistics.mean(pushes_above[1:]) - statistics.mean(no_pushes_above[1:])))
-    # NOTE: with a single timed step there are no later steps, and the report shows 0.0 for them.
-    return {"first_step": statistics.mean(first_step),
-            "later_steps": statistics.mean(later_steps) if later_steps else 0.0}
-
-
-def _cost_above_pre_push_steps(step_end_times: list[float], warmup_steps: int) -> tuple[float, float]:
-    """Return the seconds the steps after the first push took beyond the run's pre-push pace, and that pace's total.
-
-    The pace's total is the pace multiplied by the steps after the push. Taking the pace from the same
-    run removes the run's own speed, which varied by up to 10 % between back-to-back runs of one
-    variant before any push.
-    """
-    above, pace_s = _time_above_pace(step_end_times, warmup_steps)
-    return sum(above), pace_s * len(above)
+    push_time = step_end_times[push_step - 1]
+    next_push_time = step_end_times[min(push_step + ALTERNATING_PUSH_INTERVAL, len(step_end_times)) - 1]
+    period_end = step_end_times[push_step + PUSH_EVERY_N_STEPS - 1]
+    return any(ended > period_end for queued, ended in upload_times if push_time < queued <= next_push_time)
 
 
 def bench_framework(settings: BenchSettings, measure_steps: int, rounds: int) -> dict:
@@ -238,16 +235,14 @@ def bench_framework(settings: BenchSettings, measure_steps: int, rounds: int) ->
             "measure_steps": measure_steps}
 
 
-def _paired_rates(runs: dict[str, list[list[float]]], baseline: str, candidate: str, settings: BenchSettings,
-                  skip_steps: int | None = None) -> dict:
+def _paired_rates(runs: dict[str, list[list[float]]], baseline: str, candidate: str, settings: BenchSettings) -> dict:
     """Summarise images/s of two variants that ran in alternating rounds, and the candidate's overhead per round.
 
     Each round ran both variants back to back, so its ratio is the comparison least moved by drift in
     machine speed. The overhead figure is the median of those ratios. The rates count the steps after
-    the first `skip_steps` (default: the warm-up steps).
+    the warm-up.
     """
-    skip_steps = settings.warmup_steps if skip_steps is None else skip_steps
-    rates = {variant: [images_per_s(times, skip_steps, settings.batch_size) for times in variant_runs]
+    rates = {variant: [images_per_s(times, settings.warmup_steps, settings.batch_size) for times in variant_runs]
              for variant, variant_runs in runs.items()}
     overheads = [100.0 * (baseline_rate / candidate_rate - 1.0)
                  for baseline_rate, candidate_rate in zip(rates[baseline], rates[candidate])]
@@ -290,9 +285,10 @@ def main(argv: list[str]) -> int:
     if unknown:
         log.error("unknown benchmark(s) %s; choose from %s", ", ".join(unknown), ", ".join(ALL_BENCHMARKS))
         return 2
-    if "upload" in selected and arguments.warmup_steps >= PUSH_EVERY_N_STEPS:
-        log.error("invalid --warmup-steps %d for the upload benchmark: it must be below %d, so each run has steps "
-                  "before its first push; lower it and rerun", arguments.warmup_steps, PUSH_EVERY_N_STEPS)
+    first_timed_step = ALTERNATING_PUSH_INTERVAL - PUSH_EVERY_N_STEPS + 1
+    if "upload" in selected and arguments.warmup_steps >= first_timed_step:
+        log.error("invalid --warmup-steps %d for the upload benchmark: it must be below %d, the first step the "
+                  "benchmark times; lower it and rerun", arguments.warmup_steps, first_timed_step)
         return 2
     uses_photos = bool(set(selected) - FASHION_MNIST_BENCHMARKS)
     if uses_photos and not Path(arguments.data_dir).is_dir():
@@ -304,7 +300,7 @@ def main(argv: list[str]) -> int:
     started = time.perf_counter()
     context = {"command": "python -m benchmarks.run " + " ".join(argv), "load_before": load_average(),
                "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine_facts(),
-               "settings": settings, "upload_steps": arguments.upload_steps}
+               "settings": settings}
     results: dict[str, dict] = {}
     try:
         if uses_photos:
@@ -327,7 +323,7 @@ def main(argv: list[str]) -> int:
                 elif name == "pull":
                     results[name] = bench_pull(settings, s3_env)
                 elif name == "upload":
-                    results[name] = bench_upload(settings, s3_env, arguments.upload_steps, arguments.upload_rounds)
+                    results[name] = bench_upload(settings, s3_env, arguments.upload_pushes)
                 elif name == "framework":
                     results[name] = bench_framework(settings, arguments.framework_steps, arguments.framework_rounds)
                 elif name == "startup":

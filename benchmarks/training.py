@@ -4,11 +4,9 @@ Variants:
   reference        the classic recipe (benchmarks/reference.py)
   project          fashion_gan.train.run with the default settings (precision auto, channels_last)
   project-fp32     the same with trainer.precision=32-true
-  pushes           the project writing to S3 with checkpoint and sample pushes every 25 steps
-  no-pushes        the project writing to S3 with no pushes during the measured steps
-  upload           `settings.repeats` rounds of no-pushes and pushes in this one process, the order
-                   alternating between rounds, so both sides share the process's memory layout and
-                   thread placement (which moved single runs by up to 6 % between processes)
+  upload           the project writing to S3 with a checkpoint and sample push every
+                   ALTERNATING_PUSH_INTERVAL steps, so periods of PUSH_EVERY_N_STEPS steps with and
+                   without a push alternate in this one run and share its drift in machine speed
 
 The project runs through `fashion_gan.train.run`, the function train.py calls, on the decoded-array
 cache that the harness built beforehand. Step times come from a MetricsCallback subclass that
@@ -25,6 +23,8 @@ from pathlib import Path
 from benchmarks.common import PROJECT_DIR, BenchSettings, child_parser, write_result
 
 PUSH_EVERY_N_STEPS = 25
+# The upload benchmark pushes every other period, so each push period sits between two push-free ones.
+ALTERNATING_PUSH_INTERVAL = 2 * PUSH_EVERY_N_STEPS
 NEVER = 10**9  # a step interval no benchmark run reaches
 
 
@@ -39,8 +39,8 @@ def project_overrides(settings: BenchSettings, variant: str, run_id: str) -> lis
         f"run.id={run_id}",
         f"trainer.max_steps={steps}",
     ]
-    if variant in ("pushes", "no-pushes"):
-        every = PUSH_EVERY_N_STEPS if variant == "pushes" else NEVER
+    if variant == "upload":
+        every = ALTERNATING_PUSH_INTERVAL
         overrides += ["storage=s3", f"run.output={os.environ['BENCH_OUTPUT_URI']}",
                       f"run.checkpoint_every_n_steps={every}", f"run.sample_every_n_steps={every}"]
     else:
@@ -117,21 +117,6 @@ def train_project(settings: BenchSettings, variant: str, run_number: int = 0) ->
     }
 
 
-def train_upload_rounds(settings: BenchSettings) -> dict:
-    """Alternate no-pushes and pushes runs in this process, and return each round's step end times and upload times."""
-    variants = ("no-pushes", "pushes")
-    runs: dict[str, list[list[float]]] = {variant: [] for variant in variants}
-    uploads: dict[str, list[list[tuple[float, float]]]] = {variant: [] for variant in variants}
-    for round_number in range(settings.repeats):
-        order = variants if round_number % 2 == 0 else variants[::-1]
-        for variant in order:
-            print(f"upload round {round_number + 1}: {variant}", flush=True)
-            result = train_project(settings, variant, run_number=round_number)
-            runs[variant].append(result["step_end_times"])
-            uploads[variant].append(result["upload_times"])
-    return {"runs": runs, "upload_times": uploads}
-
-
 def main(argv: list[str]) -> None:
     arguments = child_parser(__doc__.splitlines()[0]).parse_args(argv)
     settings = BenchSettings.from_json(arguments.settings)
@@ -142,8 +127,6 @@ def main(argv: list[str]) -> None:
 
         result = train(settings, settings.warmup_steps + settings.measure_steps)
         result["precision"] = "32-true"
-    elif arguments.variant == "upload":
-        result = train_upload_rounds(settings)
     else:
         result = train_project(settings, arguments.variant)
     result["torch_threads"] = torch.get_num_threads()

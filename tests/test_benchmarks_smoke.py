@@ -3,6 +3,7 @@
 import itertools
 import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -39,36 +40,35 @@ def _step_end_times(durations_s: list[float]) -> list[float]:
     return list(itertools.accumulate(durations_s))
 
 
-def test_upload_cost_after_first_push():
-    from benchmarks.run import _cost_above_pre_push_steps
+def test_push_periods_against_surrounding_periods():
+    from benchmarks.run import push_periods
 
-    # 3 warm-up steps, steps 4 to 25 at 1 s, then step 26 (after the push) 1.5 s and steps 27 to 50 1.1 s.
-    durations = [5.0] * 3 + [1.0] * 22 + [1.5] + [1.1] * 24
-    cost_s, baseline_s = _cost_above_pre_push_steps(_step_end_times(durations), warmup_steps=3)
-    assert baseline_s == pytest.approx(25.0)
-    assert cost_s == pytest.approx(0.5 + 24 * 0.1)
-
-
-def test_first_push_outlasts_run():
-    from benchmarks.run import _first_push_outlasts_run
-
-    step_end_times = [float(step) for step in range(1, 51)]  # step N ends at N s
-    # real.png's upload (queued before the push) and the next push's (queued after step 50) do not count.
-    assert not _first_push_outlasts_run(step_end_times, [(0.1, 60.0), (25.1, 26.4), (50.2, 53.0)])
-    assert _first_push_outlasts_run(step_end_times, [(25.1, 26.4), (25.6, 50.5)])
-
-
-def test_upload_extra_time_paired():
-    from benchmarks.run import _extra_step_time_ms
-
-    pushes = _step_end_times([5.0] * 3 + [1.0] * 22 + [1.3] + [1.02] * 24)
-    no_pushes = _step_end_times([5.0] * 3 + [2.0] * 22 + [2.1] + [2.01] * 24)
-    extra = _extra_step_time_ms({"pushes": [pushes], "no-pushes": [no_pushes]}, warmup_steps=3)
-    assert extra["first_step"] == pytest.approx(200.0)
-    assert extra["later_steps"] == pytest.approx(10.0)
+    # 3 warm-up steps, then 1 s steps; pushes follow steps 50 and 100, and 150 steps in all. The push
+    # after step 50 adds 0.5 s to step 51 and 0.1 s to steps 52 to 75. Around the push after step 100
+    # the machine slows down linearly (1.0 s per step before, 1.2 s after, 1.1 s during the period).
+    durations = [5.0] * 3 + [1.0] * 47 + [1.5] + [1.1] * 24 + [1.0] * 25 + [1.1] * 25 + [1.2] * 25
+    periods = push_periods(_step_end_times(durations))
+    assert [period["push_step"] for period in periods] == [50, 100]
+    first, second = periods
+    assert first["overhead_pct"] == pytest.approx(100 * (0.5 + 24 * 0.1) / 25)
+    assert first["first_step_ms"] == pytest.approx(500.0)
+    assert first["later_steps_ms"] == pytest.approx(100.0)
+    assert first["around_s"] == pytest.approx(25.0)
+    # A linear drift cancels: no push cost measured.
+    assert second["overhead_pct"] == pytest.approx(0.0, abs=1e-9)
 
 
-@pytest.mark.parametrize("flag", ["--framework-rounds", "--upload-rounds", "--measure-steps", "--repeats"])
+def test_uploads_outlast_push_period():
+    from benchmarks.run import _uploads_outlast
+
+    step_end_times = [float(step) for step in range(1, 151)]  # step N ends at N s
+    # The push after step 50 queues at 50.1 s; its period (steps 51 to 75) ends at 75 s. real.png's upload
+    # (queued at 0.1 s) and the next push's (queued after step 100) do not count.
+    assert not _uploads_outlast(step_end_times, [(0.1, 140.0), (50.1, 52.4), (50.3, 74.9), (100.2, 149.0)], 50)
+    assert _uploads_outlast(step_end_times, [(50.1, 52.4), (50.3, 75.5)], 50)
+
+
+@pytest.mark.parametrize("flag", ["--framework-rounds", "--upload-pushes", "--measure-steps", "--repeats"])
 @pytest.mark.parametrize("value", ["0", "-2", "two"])
 def test_bench_counts_reject_invalid(flag, value, capsys):
     from benchmarks.run import parse_arguments
@@ -205,7 +205,7 @@ def test_quick_benchmark_writes_results(tmp_path):
         pytest.skip(f"clothing photos not found at {CLOTHING_DIR}")
     output = tmp_path / "RESULTS.md"
     result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.run", "--quick", "--only", "pipeline,framework",
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--only", "pipeline,upload,framework",
          "--output", str(output), "--work-dir", str(tmp_path / "work")],
         # Every benchmark process imports torch and Lightning, which takes minutes on a loaded 2-core machine.
         cwd=PROJECT_DIR, capture_output=True, text=True, timeout=1800,
@@ -215,4 +215,7 @@ def test_quick_benchmark_writes_results(tmp_path):
     assert "## Input pipeline throughput" in text
     assert "## Framework overhead" in text
     assert "| input pipeline vs reference DataLoader | >= 50x |" in text
+    # A warm-up push after step 50 and one counted push after step 100 of a 150-step run.
+    assert "1 push(es) counted, after 25 warm-up steps and a warm-up push" in text
+    assert re.search(r"\| upload overhead with pushes every 25 steps, % \| <= 3 \| -?\d+\.\d\d \| (pass|FAIL) \|", text)
     assert "| end-to-end, default settings vs reference | >= 2x | not measured | - |" in text
