@@ -57,7 +57,7 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
                              f"after a warm-up push; each adds {ALTERNATING_PUSH_INTERVAL} steps (about 27 s on 2 cores)")
     parser.add_argument("--framework-steps", type=positive_int, default=20,
                         help="timed steps of each framework-overhead run")
-    parser.add_argument("--framework-rounds", type=positive_int, default=4,
+    parser.add_argument("--framework-rounds", type=positive_int, default=3,
                         help="rounds of the framework-overhead benchmark, each one Lightning run with a plain step after "
                              "each of its steps")
     parser.add_argument("--startup-repeats", type=positive_int, default=3, help="runs of the start-up benchmark")
