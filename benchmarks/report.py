@@ -187,11 +187,12 @@ def _upload_lines(result: dict, context: dict, figures: dict) -> list[str]:
         summary = rates[name]
         lines.append(f"| {label} | {summary['median']:.1f} | {summary['min']:.1f} - {summary['max']:.1f} "
                      f"({summary['spread_pct']:.0f} %) |")
+    precision = f"standard error {standard_error:.1f} points" if len(periods) > 1 else "one push, so no standard error"
     first_step = statistics.mean(period["first_step_ms"] for period in periods)
     later_steps = statistics.mean(period["later_steps_ms"] for period in periods)
     lines += ["",
-              f"Overhead: {mean:.1f} % of the step time (mean over pushes, standard error {standard_error:.1f} "
-              f"points; median {overheads['median']:.1f} %; per push: {_percentages(overheads)}).",
+              f"Overhead: {mean:.1f} % of the step time (mean over pushes, {precision}; median "
+              f"{overheads['median']:.1f} %; per push: {_percentages(overheads)}).",
               "",
               f"Where the time goes (mean over pushes, against the push-free periods' mean step): the step after the "
               f"push took {first_step:.0f} ms longer (the checkpoint snapshot and the sample grid run on the training "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -44,6 +45,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def seed_list(text: str) -> str:
+    """Parse --fid-seeds: comma-separated whole numbers, returned without blanks."""
+    seeds = [part.strip() for part in text.split(",") if part.strip()]
+    if not seeds or not all(seed.isdigit() for seed in seeds):
+        raise argparse.ArgumentTypeError(f"invalid seed list {text!r}: use comma-separated whole numbers such as 1,2,3")
+    return ",".join(seeds)
+
+
 def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default=",".join(DEFAULT_BENCHMARKS),
@@ -63,7 +72,7 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--startup-repeats", type=positive_int, default=3, help="runs of the start-up benchmark")
     parser.add_argument("--fid-steps", type=positive_int, default=FidSettings.steps,
                         help="training steps of each recipe in the fid benchmark")
-    parser.add_argument("--fid-seeds", default=None,
+    parser.add_argument("--fid-seeds", type=seed_list, default=None,
                         help=f"comma-separated seeds of the fid benchmark, one run each "
                              f"(default: {DEFAULT_FID_SEEDS}; 1 with --quick)")
     parser.add_argument("--fid-samples", type=positive_int, default=FidSettings.num_samples,
@@ -280,10 +289,19 @@ def bench_startup(settings: BenchSettings, repeats: int) -> dict:
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     arguments = parse_arguments(argv)
-    selected = [name.strip() for name in arguments.only.split(",") if name.strip()]
+    # dict.fromkeys drops repeated names and keeps the order.
+    selected = list(dict.fromkeys(name.strip() for name in arguments.only.split(",") if name.strip()))
+    if not selected:
+        log.error("invalid --only %r: it names no benchmark; choose from %s", arguments.only, ",".join(ALL_BENCHMARKS))
+        return 2
     unknown = sorted(set(selected) - set(ALL_BENCHMARKS))
     if unknown:
         log.error("unknown benchmark(s) %s; choose from %s", ", ".join(unknown), ", ".join(ALL_BENCHMARKS))
+        return 2
+    output = Path(arguments.output)
+    if output.is_dir() or not output.parent.is_dir() or not os.access(output.parent, os.W_OK):
+        log.error("invalid --output %s: it must be a file path in an existing, writable folder; create the folder "
+                  "or choose another path", output)
         return 2
     first_timed_step = ALTERNATING_PUSH_INTERVAL - PUSH_EVERY_N_STEPS + 1
     if "upload" in selected and arguments.warmup_steps >= first_timed_step:
@@ -342,7 +360,7 @@ def main(argv: list[str]) -> int:
         # The fid benchmark takes minutes per seed, so a run without it keeps its last recorded figures.
         results["fid"] = json.loads(FID_RESULTS_PATH.read_text())
     text = report.render(context, results, quick=arguments.quick)
-    Path(arguments.output).write_text(text)
+    output.write_text(text)
     log.info("wrote %s after %.0f s", arguments.output, context["duration_s"])
     return 0
 

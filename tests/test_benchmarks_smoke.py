@@ -81,6 +81,41 @@ def test_bench_counts_reject_invalid(flag, value, capsys):
     assert "at least 1" in message
 
 
+@pytest.mark.parametrize("value", ["abc", "1,x", "-3", ","])
+def test_bench_fid_seeds_reject_invalid(value, capsys):
+    from benchmarks.run import parse_arguments
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_arguments(["--fid-seeds", value])
+    assert exit_info.value.code == 2
+    assert "invalid seed list" in capsys.readouterr().err
+
+
+def test_bench_fid_seeds_drop_blanks():
+    from benchmarks.run import parse_arguments
+
+    assert parse_arguments(["--fid-seeds", " 1, 2,,3 "]).fid_seeds == "1,2,3"
+
+
+@pytest.mark.parametrize("only", ["", ",", " , "])
+def test_bench_rejects_empty_selection(only, tmp_path, caplog):
+    from benchmarks.run import main
+
+    output = tmp_path / "RESULTS.md"
+    assert main(["--only", only, "--output", str(output)]) == 2
+    assert "names no benchmark" in caplog.text
+    assert not output.exists()
+
+
+@pytest.mark.parametrize("relative_output", ["missing/RESULTS.md", "a-file/RESULTS.md", "."])
+def test_bench_rejects_unwritable_output(relative_output, tmp_path, caplog):
+    from benchmarks.run import main
+
+    (tmp_path / "a-file").write_text("a file where a folder should be")
+    assert main(["--only", "startup", "--output", str(tmp_path / relative_output)]) == 2
+    assert "invalid --output" in caplog.text
+
+
 def test_overhead_mean_standard_error():
     from benchmarks.report import _mean_and_standard_error
 
@@ -164,6 +199,20 @@ def test_fast_dropout_under_torch_compile():
     second = compiled(inputs)
     assert torch.equal(first, second)
     assert (first == 0).float().mean().item() == pytest.approx(0.3, abs=0.01)
+
+
+def test_fast_dropout_empty_input():
+    inputs = torch.empty(0, 16, 8, 8)
+    assert FastDropout(0.3)(inputs).shape == (0, 16, 8, 8)
+
+
+def test_fast_dropout_all_dropped_keeps_gradient():
+    inputs = torch.randn(2, 3, 4, 4).contiguous(memory_format=torch.channels_last).requires_grad_()
+    output = FastDropout(1.0)(inputs)
+    assert torch.equal(output, torch.zeros_like(output))
+    assert output.is_contiguous(memory_format=torch.channels_last)
+    output.sum().backward()
+    assert torch.equal(inputs.grad, torch.zeros_like(inputs))
 
 
 def test_fast_dropout_eval_and_gradient():

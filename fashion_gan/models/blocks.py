@@ -94,7 +94,7 @@ class FastDropout(nn.Dropout):
     some of its convolutions. Drawing 64-bit words and comparing their 16-bit parts with a
     threshold takes a quarter of the generator calls. The drop probability is rounded to a
     multiple of 1/65536, and the kept values are scaled by 1 / (1 - that probability), so the
-    expected output equals the input.
+    expected output equals the input. The output is always a new tensor: `inplace` is ignored.
 
     On CUDA the words come from the device's default generator. On the CPU they come from NumPy's
     SFC64, seeded by one draw from torch's default CPU generator, so torch.manual_seed still repeats
@@ -107,11 +107,11 @@ class FastDropout(nn.Dropout):
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0:
+        if not self.training or self.p == 0 or input.numel() == 0:
             return input
         threshold = round(self.p * RANDOM_BITS_RANGE)
         if threshold >= RANDOM_BITS_RANGE:
-            return torch.zeros_like(input)
+            return input * 0.0  # zeros that still pass a (zero) gradient back, as nn.Dropout's do
         words = _random_words((input.numel() + 3) // 4, input.device)
         # Signed 16-bit parts are uniform in [-32768, 32767], so dropping those below threshold - 32768
         # drops with probability threshold / 65536.
