@@ -177,7 +177,7 @@ def _upload_lines(result: dict, context: dict, figures: dict) -> list[str]:
              f"steps with a push, as in a run that pushes every {steps} steps, thus alternate with periods of {steps} "
              "steps without one, and both share the run's drift in machine speed. A push period starts with the "
              "step that takes the push's work on the training thread and goes on during its uploads. Its overhead "
-             f"is its time above the mean of the push-free periods before and after it. {len(periods)} push(es) "
+             f"is its time above the mean of the push-free periods before and after it. {_pushes(len(periods))} "
              f"counted, after {ALTERNATING_PUSH_INTERVAL - steps} warm-up steps and a warm-up push (its period: "
              f"{result['warmup_period']['overhead_pct']:.1f} %), which also pays the costs a run pays once, at its "
              "first checkpoint and sample grid.", "",
@@ -197,12 +197,16 @@ def _upload_lines(result: dict, context: dict, figures: dict) -> list[str]:
               f"Where the time goes (mean over pushes, against the push-free periods' mean step): the step after the "
               f"push took {first_step:.0f} ms longer (the checkpoint snapshot and the sample grid run on the training "
               f"thread, and the checkpoint writer and the upload thread start beside it), and each later step of the "
-              f"push period {later_steps:.1f} ms longer. In {outlasting} of {len(periods)} push(es) an upload was "
+              f"push period {later_steps:.1f} ms longer. In {outlasting} of {_pushes(len(periods))} an upload was "
               "still running when the push period ended: the server gets only idle CPU time, which training on every "
               "core leaves little of, so it stores the uploads slowly while the client waits on the socket. Single "
               "periods scatter by several points: on the 2-core VM where this harness was built, step times without "
               "pushes moved between about 500 and 575 ms for stretches of 5 to 30 steps.", ""]
     return lines
+
+
+def _pushes(count: int) -> str:
+    return f"{count} push" if count == 1 else f"{count} pushes"
 
 
 def _mean_and_standard_error(values: list[float]) -> tuple[float, float]:

@@ -116,6 +116,27 @@ def test_bench_rejects_unwritable_output(relative_output, tmp_path, caplog):
     assert "invalid --output" in caplog.text
 
 
+def test_bench_quick_keeps_recorded_results():
+    from benchmarks.run import QUICK_RESULTS_PATH, RESULTS_PATH, parse_arguments
+
+    assert parse_arguments([]).output == str(RESULTS_PATH)
+    assert parse_arguments(["--quick"]).output == str(QUICK_RESULTS_PATH)
+    assert parse_arguments(["--quick", "--output", "chosen.md"]).output == "chosen.md"
+
+
+def test_bench_warmup_limit_only_without_quick(tmp_path, caplog):
+    from benchmarks.run import main
+
+    missing_photos = str(tmp_path / "no-photos")
+    # Without --quick the warm-up check rejects 30; with it, the run goes on to the next check.
+    assert main(["--only", "upload", "--warmup-steps", "30", "--data-dir", missing_photos]) == 2
+    assert "invalid --warmup-steps 30" in caplog.text
+    caplog.clear()
+    assert main(["--quick", "--only", "upload", "--warmup-steps", "30", "--data-dir", missing_photos]) == 2
+    assert "invalid --warmup-steps" not in caplog.text
+    assert "photo folder" in caplog.text
+
+
 def test_overhead_mean_standard_error():
     from benchmarks.report import _mean_and_standard_error
 
@@ -265,6 +286,6 @@ def test_quick_benchmark_writes_results(tmp_path):
     assert "## Framework overhead" in text
     assert "| input pipeline vs reference DataLoader | >= 50x |" in text
     # A warm-up push after step 50 and one counted push after step 100 of a 150-step run.
-    assert "1 push(es) counted, after 25 warm-up steps and a warm-up push" in text
+    assert "1 push counted, after 25 warm-up steps and a warm-up push" in text
     assert re.search(r"\| upload overhead with pushes every 25 steps, % \| <= 3 \| -?\d+\.\d\d \| (pass|FAIL) \|", text)
     assert "| end-to-end, default settings vs reference | >= 2x | not measured | - |" in text
