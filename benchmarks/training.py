@@ -40,9 +40,9 @@ def project_overrides(settings: BenchSettings, variant: str, run_id: str) -> lis
         f"trainer.max_steps={steps}",
     ]
     if variant == "upload":
-        every = ALTERNATING_PUSH_INTERVAL
         overrides += ["storage=s3", f"run.output={os.environ['BENCH_OUTPUT_URI']}",
-                      f"run.checkpoint_every_n_steps={every}", f"run.sample_every_n_steps={every}"]
+                      f"run.checkpoint_every_n_steps={ALTERNATING_PUSH_INTERVAL}",
+                      f"run.sample_every_n_steps={ALTERNATING_PUSH_INTERVAL}"]
     else:
         overrides += [f"run.output={work_dir / 'outputs'}", f"run.checkpoint_every_n_steps={NEVER}",
                       f"run.sample_every_n_steps={NEVER}"]
@@ -94,7 +94,7 @@ def _install_upload_timer() -> None:
     BackgroundUploader.submit_then = timed_submit_then
 
 
-def train_project(settings: BenchSettings, variant: str, run_number: int = 0) -> dict:
+def train_project(settings: BenchSettings, variant: str) -> dict:
     """Run fashion_gan.train.run once and return the step end times and the resolved settings."""
     from hydra import compose, initialize_config_dir
 
@@ -104,7 +104,7 @@ def train_project(settings: BenchSettings, variant: str, run_number: int = 0) ->
     _step_end_times.clear()
     _first_step_wall.clear()
     _upload_times.clear()
-    run_id = f"bench-{variant}-{os.getpid()}-{run_number}"
+    run_id = f"bench-{variant}-{os.getpid()}"
     with initialize_config_dir(config_dir=str(PROJECT_DIR / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=project_overrides(settings, variant, run_id))
     result = run(cfg)

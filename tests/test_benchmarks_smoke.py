@@ -128,7 +128,7 @@ def test_bench_warmup_limit_only_without_quick(tmp_path, caplog):
     from benchmarks.run import main
 
     missing_photos = str(tmp_path / "no-photos")
-    # Without --quick the warm-up check rejects 30; with it, the run goes on to the next check.
+    # Without --quick the warm-up check rejects 30. --quick replaces it with 1, so the run reaches the next check.
     assert main(["--only", "upload", "--warmup-steps", "30", "--data-dir", missing_photos]) == 2
     assert "invalid --warmup-steps 30" in caplog.text
     caplog.clear()

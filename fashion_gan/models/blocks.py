@@ -111,7 +111,7 @@ class FastDropout(nn.Dropout):
             return input
         threshold = round(self.p * RANDOM_BITS_RANGE)
         if threshold >= RANDOM_BITS_RANGE:
-            return input * 0.0  # zeros that still pass a (zero) gradient back, as nn.Dropout's do
+            return input * 0.0  # keeps the autograd graph, so backward passes zero gradients as nn.Dropout does
         words = _random_words((input.numel() + 3) // 4, input.device)
         # Signed 16-bit parts are uniform in [-32768, 32767], so dropping those below threshold - 32768
         # drops with probability threshold / 65536.
