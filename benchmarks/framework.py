@@ -3,7 +3,7 @@
 Both variants train the same DCGAN (the project's module, its networks and optimizers) on one
 fixed uint8 batch, repeated every step, with the precision that `trainer.precision=auto` picks.
   lightning   pl.Trainer.fit on fashion_gan.models.DCGAN (its training_step with seeding,
-              NaN checks and logging), no callbacks besides the step timer
+              NaN checks and logging every 10 steps), no callbacks besides the step timer
   plain       the same D and G updates written as a plain PyTorch loop under torch.autocast
 Each of `settings.repeats` rounds is one Lightning fit that runs one plain step, on networks of
 its own, after each Lightning step. Steps of the two variants thus alternate, and a change in the
@@ -128,8 +128,12 @@ def train_interleaved(settings: BenchSettings, precision: str, steps: int) -> di
             self.previous_end = time.perf_counter()
             self.durations["plain"].append(self.previous_end - lightning_end)
 
+    from fashion_gan.config import TrainerConfig
+
     timer = InterleavedStepTimer()
+    # The module logs its losses every log_every_n_steps steps, so the benchmark uses train.py's default.
     trainer = pl.Trainer(accelerator="cpu", devices=1, precision=precision, max_steps=steps, max_epochs=-1,
+                         log_every_n_steps=TrainerConfig.log_every_n_steps,
                          logger=False, callbacks=[timer], enable_checkpointing=False,
                          enable_model_summary=False, enable_progress_bar=False, limit_val_batches=0,
                          num_sanity_val_steps=0, use_distributed_sampler=False)

@@ -65,7 +65,7 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--upload-pushes", type=positive_int, default=10,
                         help=f"pushes counted in the upload-overhead run, one every {ALTERNATING_PUSH_INTERVAL} steps "
                              f"after a warm-up push; each adds {ALTERNATING_PUSH_INTERVAL} steps (about 27 s on 2 cores)")
-    parser.add_argument("--framework-steps", type=positive_int, default=20,
+    parser.add_argument("--framework-steps", type=positive_int, default=40,
                         help="timed steps of each framework-overhead run")
     parser.add_argument("--framework-rounds", type=positive_int, default=3,
                         help="rounds of the framework-overhead benchmark, each one Lightning run with a plain step after "

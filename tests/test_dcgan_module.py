@@ -367,3 +367,28 @@ def test_cuda_bf16_channels_last_steps():
         assert math.isfinite(trainer.callback_metrics[key].item()), key
     assert module.discriminator.net[0][0].weight.is_contiguous(memory_format=torch.channels_last)
     assert module.sample().device.type == "cuda"
+
+
+class LoggedLossRecorder(pl.Callback):
+    """Record the d_loss in trainer.callback_metrics after every step (None before the first log)."""
+
+    def __init__(self) -> None:
+        self.d_losses: list[float | None] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        value = trainer.callback_metrics.get("train/d_loss")
+        self.d_losses.append(None if value is None else value.item())
+
+
+def test_losses_logged_every_n_steps_and_last():
+    recorder = LoggedLossRecorder()
+    fit(tiny_module(), max_steps=7, log_every_n_steps=3, callbacks=[recorder])
+
+    first, second, third, fourth, fifth, sixth, seventh = recorder.d_losses
+    assert first is None
+    assert second is None
+    assert third is not None
+    assert fourth == third
+    assert fifth == third
+    assert sixth is not None and sixth != third
+    assert seventh is not None and seventh != sixth
