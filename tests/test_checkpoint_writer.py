@@ -37,6 +37,42 @@ def test_checkpoint_keeps_save_time_values(tmp_path: Path) -> None:
     writer.teardown()
 
 
+
+def save_and_load(writer: BackgroundCheckpointIO, checkpoint: dict, path: Path) -> dict:
+    writer.save_checkpoint(checkpoint, path)
+    writer.wait()
+    return torch.load(path, weights_only=True)
+
+
+def test_second_snapshot_reuses_buffers(tmp_path: Path) -> None:
+    weights = torch.randn(8, 3, 4, 4).contiguous(memory_format=torch.channels_last)
+    writer = BackgroundCheckpointIO()
+
+    first = save_and_load(writer, {"weight": weights, "step": 1}, tmp_path / "first.ckpt")
+    first_buffer_address = writer._snapshot_buffers[0].data_ptr()
+    weights.mul_(2.0)
+    second = save_and_load(writer, {"weight": weights, "step": 2}, tmp_path / "second.ckpt")
+
+    assert writer._snapshot_buffers[0].data_ptr() == first_buffer_address
+    assert torch.equal(second["weight"], weights)
+    assert torch.equal(first["weight"] * 2.0, weights)
+    assert second["weight"].stride() == weights.stride()
+    writer.teardown()
+    assert writer._snapshot_buffers == []
+
+
+def test_snapshot_after_shape_change_copies_values(tmp_path: Path) -> None:
+    writer = BackgroundCheckpointIO()
+    save_and_load(writer, {"a": torch.zeros(4), "b": torch.zeros(2, 2)}, tmp_path / "first.ckpt")
+
+    grown, strided = torch.arange(6.0), torch.arange(10.0)[::2]
+    loaded = save_and_load(writer, {"a": grown, "b": strided, "c": torch.ones(3)}, tmp_path / "second.ckpt")
+
+    assert torch.equal(loaded["a"], torch.arange(6.0))
+    assert torch.equal(loaded["b"], torch.tensor([0.0, 2.0, 4.0, 6.0, 8.0]))
+    assert torch.equal(loaded["c"], torch.ones(3))
+    writer.teardown()
+
 def test_failed_write_raises_at_wait(tmp_path: Path) -> None:
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where the checkpoint folder should be")
@@ -88,3 +124,15 @@ def test_weight_check_rejects_norm_overflow() -> None:
 
     with pytest.raises(TrainingDivergedError, match="The weights' norm overflows float32 at step 3"):
         _require_finite_weights(model, step=3)
+
+
+def test_snapshot_keeps_changed_strides(tmp_path: Path) -> None:
+    writer = BackgroundCheckpointIO()
+    save_and_load(writer, {"weight": torch.zeros(2, 3, 4, 4)}, tmp_path / "first.ckpt")
+
+    channels_last = torch.randn(2, 3, 4, 4).contiguous(memory_format=torch.channels_last)
+    loaded = save_and_load(writer, {"weight": channels_last}, tmp_path / "second.ckpt")
+
+    assert loaded["weight"].stride() == channels_last.stride()
+    assert torch.equal(loaded["weight"], channels_last)
+    writer.teardown()

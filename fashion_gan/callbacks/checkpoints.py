@@ -30,6 +30,11 @@ class BackgroundCheckpointIO(TorchCheckpointIO):
     registers what runs on that thread after `path` is written, and how an OSError of the write is
     reported. At most one write is in flight: the next `wait()` blocks until it is done and re-raises
     its error.
+
+    The copies go into the buffers of the previous snapshot where shape, strides, dtype and device
+    match, so the process keeps one checkpoint's worth of memory between saves. Fresh copies of 90 MB
+    page-faulted 19,000 times each: 30 to 44 ms against 12 to 24 ms into kept buffers (one thread,
+    2-core Xeon, both cores busy with other training).
     """
 
     def __init__(self) -> None:
@@ -37,19 +42,40 @@ class BackgroundCheckpointIO(TorchCheckpointIO):
         self._executor: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
         self._handlers: dict[str, tuple[Callable[[], None], Callable[[OSError], Exception]]] = {}
+        self._snapshot_buffers: list[torch.Tensor] = []  # the tensors of the last snapshot, in traversal order
 
     def expect(self, path: Path, then: Callable[[], None], on_error: Callable[[OSError], Exception]) -> None:
         """Register `then()` to run on the writer thread after `path` is written, and `on_error` for a failed write."""
         self._handlers[str(path)] = (then, on_error)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        # The write in flight reads the last snapshot's buffers, so it must end before they are reused.
         self.wait()
         # Training goes on changing the weights in place, so the writer gets a copy taken now.
-        snapshot = apply_to_collection(checkpoint, torch.Tensor, lambda tensor: tensor.detach().clone())
+        snapshot = self._snapshot(checkpoint)
         handlers = self._handlers.pop(str(path), None)
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
         self._pending = self._executor.submit(self._write, snapshot, path, storage_options, handlers)
+
+    def _snapshot(self, checkpoint: dict[str, Any]) -> dict[str, Any]:
+        """Return `checkpoint` with every tensor copied, into the previous snapshot's buffers where they fit."""
+        previous_buffers = iter(self._snapshot_buffers)
+        buffers: list[torch.Tensor] = []
+
+        def copy_tensor(tensor: torch.Tensor) -> torch.Tensor:
+            tensor = tensor.detach()
+            buffer = next(previous_buffers, None)
+            if buffer is not None and _same_layout(buffer, tensor):
+                buffer.copy_(tensor)
+            else:
+                buffer = tensor.clone()
+            buffers.append(buffer)
+            return buffer
+
+        snapshot = apply_to_collection(checkpoint, torch.Tensor, copy_tensor)
+        self._snapshot_buffers = buffers
+        return snapshot
 
     def _write(self, snapshot: dict[str, Any], path, storage_options: Any | None, handlers) -> None:
         if handlers is None:
@@ -97,6 +123,7 @@ class BackgroundCheckpointIO(TorchCheckpointIO):
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
                 self._executor = None
+            self._snapshot_buffers = []
 
 
 class CheckpointPushCallback(pl.Callback):
@@ -186,6 +213,17 @@ def _require_finite_weights(pl_module: pl.LightningModule, step: int) -> None:
         f"{problem} at step {step}; the checkpoint was not saved and the run's latest checkpoint is unchanged. "
         f"Lower model.lr or enable model.label_smoothing."
     )
+
+
+def _same_layout(buffer: torch.Tensor, tensor: torch.Tensor) -> bool:
+    """Return whether copying `tensor` into `buffer` gives what `tensor.clone()` would, strides included.
+
+    Every buffer is a clone, so it is dense, and a tensor with its shape and strides is dense too:
+    clone() keeps such a tensor's strides.
+    """
+    return (buffer.layout == tensor.layout == torch.strided and buffer.shape == tensor.shape
+            and buffer.stride() == tensor.stride() and buffer.dtype == tensor.dtype
+            and buffer.device == tensor.device)
 
 
 def _replace_link(target: Path, link_path: Path) -> None:
