@@ -50,14 +50,14 @@ class MotoServer:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
         self.endpoint = f"http://127.0.0.1:{port}"
-        # The server replaces a remote S3 service, so its CPU time is not the training job's. It runs
-        # only on otherwise idle CPU time where the kernel allows that, else at the lowest priority.
         # It keeps objects in memory, because a remote service's disks are not the training machine's.
         environment = {**os.environ, "MOTO_S3_DEFAULT_KEY_BUFFER_SIZE": str(SERVER_OBJECT_BUFFER_BYTES)}
         self.process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment,
-                                        preexec_fn=_lowest_priority)
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment)
+        # The server starts at normal priority: at the lowest one it took over 30 s to start while
+        # other processes kept both cores busy.
         self._wait_until_answering()
+        _lower_priority(self.process.pid)
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -85,11 +85,19 @@ class MotoServer:
         raise RuntimeError(f"moto server did not respond at {self.endpoint} within {START_TIMEOUT_S} s")
 
 
-def _lowest_priority() -> None:
-    """Run the calling process at the lowest CPU priority: SCHED_IDLE on Linux, else nice 19."""
-    os.nice(SERVER_NICENESS)
-    if hasattr(os, "SCHED_IDLE"):
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+def _lower_priority(pid: int) -> None:
+    """Move every thread of process `pid` to nice 19 and, on Linux, to SCHED_IDLE.
+
+    The server replaces a remote S3 service, so its CPU time is not the training job's: under
+    SCHED_IDLE it runs only on CPU time that other processes leave idle. Threads it starts later
+    inherit the policy and niceness of the thread that starts them.
+    """
+    task_folder = f"/proc/{pid}/task"
+    thread_ids = [int(name) for name in os.listdir(task_folder)] if os.path.isdir(task_folder) else [pid]
+    for thread_id in thread_ids:
+        os.setpriority(os.PRIO_PROCESS, thread_id, SERVER_NICENESS)
+        if hasattr(os, "SCHED_IDLE"):
+            os.sched_setscheduler(thread_id, os.SCHED_IDLE, os.sched_param(0))
 
 
 def create_bucket(endpoint: str, name: str) -> None:

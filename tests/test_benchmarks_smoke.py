@@ -158,24 +158,57 @@ def _server_temporary_files(pid: int) -> list[str]:
     return [target for target in targets if target.startswith(temporary_root + os.sep)]
 
 
-@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to list the server's open files")
-def test_bench_server_objects_in_memory():
+def _bench_bucket_client(endpoint: str, bucket: str):
+    """Create `bucket` on the benchmark server at `endpoint` and return a boto3 S3 client for it."""
     import boto3
 
-    from benchmarks.s3 import MotoServer, create_bucket, s3_environment
+    from benchmarks.s3 import create_bucket, s3_environment
+
+    environment = s3_environment(endpoint)
+    create_bucket(endpoint, bucket)
+    return boto3.client("s3", endpoint_url=endpoint, region_name=environment["AWS_DEFAULT_REGION"],
+                        aws_access_key_id=environment["AWS_ACCESS_KEY_ID"],
+                        aws_secret_access_key=environment["AWS_SECRET_ACCESS_KEY"])
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to list the server's open files")
+def test_bench_server_objects_in_memory():
+    from benchmarks.s3 import MotoServer
 
     # By default moto moves an object above about 5 MiB to a temporary file, so a 6 MiB one would be there.
     with MotoServer() as server:
-        environment = s3_environment(server.endpoint)
-        create_bucket(server.endpoint, "bench-memory")
-        client = boto3.client("s3", endpoint_url=server.endpoint, region_name=environment["AWS_DEFAULT_REGION"],
-                              aws_access_key_id=environment["AWS_ACCESS_KEY_ID"],
-                              aws_secret_access_key=environment["AWS_SECRET_ACCESS_KEY"])
+        client = _bench_bucket_client(server.endpoint, "bench-memory")
         body = os.urandom(6 * 1024 * 1024)
         client.put_object(Bucket="bench-memory", Key="six-mib", Body=body)
         assert client.get_object(Bucket="bench-memory", Key="six-mib")["Body"].read() == body
         assert _server_temporary_files(server.process.pid) == []
 
+
+
+def _thread_policies(pid: int) -> dict[int, tuple[int, int]]:
+    """Return {thread id: (scheduling policy, niceness)} of the live threads of process `pid`."""
+    policies = {}
+    for name in os.listdir(f"/proc/{pid}/task"):
+        try:
+            policies[int(name)] = (os.sched_getscheduler(int(name)), os.getpriority(os.PRIO_PROCESS, int(name)))
+        except ProcessLookupError:
+            continue  # the thread ended while listing
+    return policies
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="needs Linux's SCHED_IDLE policy")
+def test_bench_server_threads_idle_priority():
+    from benchmarks.s3 import SERVER_NICENESS, MotoServer
+
+    with MotoServer() as server:
+        client = _bench_bucket_client(server.endpoint, "bench-priority")
+        client.put_object(Bucket="bench-priority", Key="small", Body=b"bytes")
+        policies = _thread_policies(server.process.pid)
+
+    assert policies
+    for thread_id, (policy, niceness) in policies.items():
+        assert policy == os.SCHED_IDLE, thread_id
+        assert niceness == SERVER_NICENESS, thread_id
 
 @pytest.mark.parametrize("probability", [0.05, 0.3, 0.5, 0.9])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
