@@ -54,8 +54,8 @@ class MotoServer:
         environment = {**os.environ, "MOTO_S3_DEFAULT_KEY_BUFFER_SIZE": str(SERVER_OBJECT_BUFFER_BYTES)}
         self.process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment)
-        # The server starts at normal priority: at the lowest one it took over 30 s to start while
-        # other processes kept both cores busy.
+        # The server starts at normal priority, because at the lowest one it took over 30 s to start
+        # while other processes kept both cores busy.
         self._wait_until_answering()
         _lower_priority(self.process.pid)
         return self
@@ -88,16 +88,19 @@ class MotoServer:
 def _lower_priority(pid: int) -> None:
     """Move every thread of process `pid` to nice 19 and, on Linux, to SCHED_IDLE.
 
-    The server replaces a remote S3 service, so its CPU time is not the training job's: under
+    The server replaces a remote S3 service, so its CPU time is not the training job's. Under
     SCHED_IDLE it runs only on CPU time that other processes leave idle. Threads it starts later
     inherit the policy and niceness of the thread that starts them.
     """
     task_folder = f"/proc/{pid}/task"
     thread_ids = [int(name) for name in os.listdir(task_folder)] if os.path.isdir(task_folder) else [pid]
     for thread_id in thread_ids:
-        os.setpriority(os.PRIO_PROCESS, thread_id, SERVER_NICENESS)
-        if hasattr(os, "SCHED_IDLE"):
-            os.sched_setscheduler(thread_id, os.SCHED_IDLE, os.sched_param(0))
+        try:
+            os.setpriority(os.PRIO_PROCESS, thread_id, SERVER_NICENESS)
+            if hasattr(os, "SCHED_IDLE"):
+                os.sched_setscheduler(thread_id, os.SCHED_IDLE, os.sched_param(0))
+        except ProcessLookupError:
+            continue  # a request thread, such as the start-up probe's, ended after the listing
 
 
 def create_bucket(endpoint: str, name: str) -> None:
